@@ -1,0 +1,3 @@
+from quantdiag.cli import app
+
+app()

@@ -1,0 +1,101 @@
+"""The command line: parses options into a RunConfig and makes one library call per command.
+
+User errors print one line on stderr and exit with code 2; an interrupted run exits with 130 and
+resumes from its finished stages when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+
+from quantdiag.config import PRESETS, RunConfig
+from quantdiag.errors import QuantdiagError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diagnose why a quantized LLM fails.")
+T = TypeVar("T")
+
+
+@app.callback()
+def main() -> None:
+    """quantdiag: Signal Degradation or Computation Collapse?"""
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise QuantdiagError(f"{what} must be comma-separated integers, not '{text}'") from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _guard(call: Callable[[], T]) -> T:
+    """Turn user errors into one line on stderr and exit code 2."""
+    try:
+        return call()
+    except QuantdiagError as error:
+        print(f"quantdiag: error: {error}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        print("quantdiag: interrupted; run the same command again to resume", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Option(help="HF repo id or folder, a .gguf file, or 'smollm2' (built in)")] = "smollm2",
+    methods: Annotated[str, typer.Option(help="quantization methods, comma-separated: rtn, gptq")] = "rtn,gptq",
+    bits: Annotated[str, typer.Option(help="weight bit widths, comma-separated, each 2..8")] = "8,4,3,2",
+    group_size: Annotated[int, typer.Option(help="quantization group size (falls back where it does not divide)")] = 128,
+    asym: Annotated[bool, typer.Option("--asym", help="asymmetric quantization (zero point per group)")] = False,
+    facts: Annotated[str | None, typer.Option(help="facts per relation, or 'all' (default: from the preset)")] = None,
+    facts_file: Annotated[str | None, typer.Option(help="JSONL of your own facts: subject, object, template")] = None,
+    relations: Annotated[str | None, typer.Option(help="ParaRel relation ids, comma-separated (default: all 39)")] = None,
+    calib: Annotated[str | None, typer.Option(help="calibration text or JSONL file (default: model-generated)")] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="calibration sequences")] = None,
+    calib_length: Annotated[int | None, typer.Option(help="tokens per calibration sequence")] = None,
+    out: Annotated[str, typer.Option(help="run directory")] = "runs/latest",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
+    preset: Annotated[str, typer.Option(help=f"sizes: {', '.join(PRESETS)}")] = "full",
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of fact sampling and calibration text")] = 0,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code")] = False,
+) -> None:
+    """Quantize a model, measure its factual recall and logit lens, and write a report."""
+
+    def call():
+        from quantdiag.pipeline import run as run_pipeline
+
+        all_facts = facts == "all"
+        config = RunConfig(
+            out=out,
+            model=model,
+            methods=_names(methods) or (),
+            bits=_ints(bits, "--bits"),
+            group_size=group_size,
+            sym=not asym,
+            preset=preset,
+            facts_per_relation=None if facts is None or all_facts else _ints(facts, "--facts")[0],
+            all_facts=all_facts,
+            facts_file=facts_file,
+            relations=_names(relations),
+            calib=calib,
+            calib_samples=calib_samples,
+            calib_length=calib_length,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
+        return run_pipeline(config)
+
+    report = _guard(call)
+    print(f"report: {report.resolve()}")

@@ -1,0 +1,96 @@
+"""Run configuration: what to quantize, which facts, which device; presets fill the sizes.
+
+``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2); ``full`` is the
+default diagnosis. For a paper-scale run on a GPU add ``--facts all`` and a larger calibration
+set (``--calib-samples 128 --calib-length 2048``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from quantdiag.data.facts import Fact, load_pararel, load_user_facts
+from quantdiag.errors import QuantdiagError
+from quantdiag.model.load import DEFAULT_MODEL
+from quantdiag.quant.spec import METHODS, QuantSpec
+
+PRESETS: dict[str, dict] = {
+    "quick": {"facts_per_relation": 6, "robustness_facts": 60, "max_paraphrases": 2, "calib_samples": 16, "calib_length": 256},
+    "full": {"facts_per_relation": 15, "robustness_facts": 120, "max_paraphrases": 4, "calib_samples": 32, "calib_length": 256},
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run; saved as ``config.json`` in the run directory."""
+
+    out: str = "runs/latest"
+    model: str = DEFAULT_MODEL
+    methods: tuple[str, ...] = ("rtn", "gptq")
+    bits: tuple[int, ...] = (8, 4, 3, 2)
+    group_size: int = 128
+    sym: bool = True
+    preset: str = "full"
+    facts_per_relation: int | None = None
+    facts_file: str | None = None
+    relations: tuple[str, ...] | None = None
+    robustness_facts: int | None = None
+    max_paraphrases: int | None = None
+    calib: str | None = None
+    calib_samples: int | None = None
+    calib_length: int | None = None
+    subset_bits: int = 4
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    seed: int = 0
+    all_facts: bool = False
+
+    def resolved(self) -> RunConfig:
+        """Fill unset sizes from the preset and check every value; raises QuantdiagError."""
+        if self.preset not in PRESETS:
+            raise QuantdiagError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        filled = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
+        config = replace(self, **filled)
+        config.specs()
+        for name in ("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size"):
+            if getattr(config, name) is not None and getattr(config, name) <= 0:
+                raise QuantdiagError(f"{name.replace('_', '-')} must be positive")
+        if config.subset_bits not in config.bits:
+            raise QuantdiagError(f"the subsets need {config.subset_bits}-bit settings: add {config.subset_bits} to --bits")
+        config.facts()
+        check_writable(Path(config.out))
+        return config
+
+    def specs(self) -> list[QuantSpec]:
+        """Every (method, bits) setting of the run, methods first."""
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise QuantdiagError(f"unknown method {', '.join(unknown) or '(none)'} (choose from {', '.join(METHODS)})")
+        if not self.bits:
+            raise QuantdiagError("no bit widths given")
+        return [QuantSpec(method, bits, self.group_size, self.sym) for method in self.methods for bits in self.bits]
+
+    def facts(self) -> list[Fact]:
+        """The user's facts file, or the seeded ParaRel sample."""
+        if self.facts_file:
+            return load_user_facts(Path(self.facts_file))
+        per_relation = None if self.all_facts else self.facts_per_relation
+        return load_pararel(list(self.relations) if self.relations else None, per_relation, self.seed)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, before any work, if ``out`` cannot be created or written."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if out.exists() and not out.is_dir():
+        raise QuantdiagError(f"output path {out} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QuantdiagError(f"output folder {out} is not writable")

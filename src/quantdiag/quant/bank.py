@@ -1,0 +1,98 @@
+"""WeightBank: the reference weights and the dequantized weights of every quantization setting of
+one model, each computed once and cached on disk as safetensors; ``apply(plan)`` swaps them into
+the one model in memory. Domino tests, protections and checkpoint comparisons are all plans."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from quantdiag.model.load import LoadedModel
+from quantdiag.quant.calib import Calibration
+from quantdiag.quant.gptq import gptq_dequantized
+from quantdiag.quant.rtn import rtn_dequantized
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bits, effective_group_size
+from quantdiag.storage import atomic_file, cache_root
+
+log = logging.getLogger(__name__)
+
+
+class WeightBank:
+    """Settings of one model's block linears, on disk, swapped in place on demand."""
+
+    def __init__(self, loaded: LoadedModel, calibration: Calibration | None = None, cache_dir: Path | None = None):
+        self.adapter = loaded.adapter
+        self.calibration = calibration
+        self.root = (cache_dir or cache_root()) / "weights" / loaded.fingerprint
+        named = dict(loaded.model.named_modules())
+        self.modules: dict[str, nn.Linear] = {name: named[name] for name in self.adapter.linear_names()}
+        self.sizes = {name: module.weight.numel() for name, module in self.modules.items()}
+        self.layers = {name: self.adapter.linear_kind(name)[0] for name in self.modules}
+        self.current = dict.fromkeys(self.modules, REFERENCE)
+        self._handles: dict[str, object] = {}
+        self._save(REFERENCE, {name: module.weight for name, module in self.modules.items()})
+
+    def path(self, setting: str) -> Path:
+        """Cache file of a setting; GPTQ's depends on the calibration tokens too."""
+        if setting == REFERENCE or QuantSpec.from_key(setting).method == "rtn":
+            return self.root / f"{setting}.safetensors"
+        if self.calibration is None:
+            raise ValueError("GPTQ settings need a calibration set")
+        return self.root / f"{setting}-calib{self.calibration.digest}.safetensors"
+
+    def has(self, setting: str) -> bool:
+        return self.path(setting).is_file()
+
+    def ensure(self, spec: QuantSpec) -> None:
+        """Quantize ``spec`` unless it is cached; the model is left at the reference."""
+        if self.has(spec.key):
+            return
+        self.apply(PrecisionPlan.uniform(REFERENCE))
+        if spec.method == "rtn":
+            weights = {name: self._rtn(module, spec) for name, module in self.modules.items()}
+        else:
+            weights = gptq_dequantized(self.adapter, self.calibration.ids, spec)
+        self._save(spec.key, weights)
+
+    def assignment(self, plan: PrecisionPlan) -> dict[str, str]:
+        """Module name -> setting under ``plan``."""
+        return {name: plan.setting_for(name, self.layers[name]) for name in self.modules}
+
+    @torch.no_grad()
+    def apply(self, plan: PrecisionPlan) -> None:
+        """Load each linear's weights for its setting; modules already there are not touched."""
+        for name, setting in self.assignment(plan).items():
+            if self.current[name] != setting:
+                self.modules[name].weight.copy_(self._handle(setting).get_tensor(name))
+                self.current[name] = setting
+
+    def average_bits(self, plan: PrecisionPlan) -> float:
+        return average_bits(self.assignment(plan), self.sizes)
+
+    def group_size_fallbacks(self, spec: QuantSpec) -> dict[int, int]:
+        """Input widths that ``spec.group_size`` does not divide -> the group size used there."""
+        widths = {module.in_features for module in self.modules.values()}
+        return {w: effective_group_size(w, spec.group_size) for w in sorted(widths) if w % spec.group_size}
+
+    def _rtn(self, module: nn.Linear, spec: QuantSpec) -> torch.Tensor:
+        group = effective_group_size(module.in_features, spec.group_size)
+        return rtn_dequantized(module.weight, spec.bits, group, spec.sym)
+
+    def _save(self, setting: str, weights: dict[str, torch.Tensor]) -> None:
+        target = self.path(setting)
+        if target.is_file():
+            return
+        log.info("caching %s weights in %s", setting, target)
+        with atomic_file(target) as tmp:
+            save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(tmp))
+
+    def _handle(self, setting: str):
+        """An open, memory-mapped reader per setting file."""
+        if setting not in self._handles:
+            self._handles[setting] = safe_open(str(self.path(setting)), framework="pt", device="cpu")
+        return self._handles[setting]

@@ -1,0 +1,130 @@
+"""GPTQ through GPTQModel's GPTQ solver, driven block by block on cached block inputs.
+
+quantdiag keeps dequantized weights (the WeightBank swaps them into one model), so it uses
+GPTQModel's per-layer solver (Hessian accumulation, error compensation, grid search) and skips its
+packing and checkpoint writing. Blocks run in order on the calibration set: each block is
+calibrated on the outputs of the already-quantized blocks before it, and within a block the
+linears follow the adapter's true-sequential groups (q/k/v, o, gate/up, down), as GPTQModel does.
+"""
+
+from __future__ import annotations
+
+import os
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantdiag.model.arch import Adapter
+from quantdiag.quant.spec import QuantSpec, effective_group_size
+
+class _StopForward(Exception):
+    """Raised by a hook when the rest of a forward is not needed."""
+
+
+@torch.no_grad()
+def gptq_dequantized(adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """GPTQ-quantize every block linear and return the dequantized weights (CPU, model dtype).
+
+    The model's weights are the same before and after the call.
+    """
+    solver_class, config_class = _gptqmodel()
+    hidden, block_kwargs = _block_inputs(adapter, calibration_ids, batch_size)
+    result: dict[str, torch.Tensor] = {}
+    for layer, block in enumerate(tqdm(adapter.blocks, desc=f"GPTQ {spec.bits}-bit", unit="block")):
+        linears = {kind: block.get_submodule(path) for kind, path in adapter.arch.linears}
+        originals = {kind: module.weight.detach().clone() for kind, module in linears.items()}
+        for group in adapter.arch.sequential:
+            solvers = {kind: _solver(solver_class, config_class, linears[kind], spec) for kind in group}
+            _feed(block, hidden, block_kwargs[layer], linears, solvers)
+            for kind, solver in solvers.items():
+                quantized = solver.quantize()[0].to(linears[kind].weight.dtype)
+                linears[kind].weight.copy_(quantized)
+                result[adapter.linear_name(layer, kind)] = quantized.cpu()
+        hidden = _run_block(block, hidden, block_kwargs[layer])
+        for kind, weight in originals.items():
+            linears[kind].weight.copy_(weight)
+    return result
+
+
+def _gptqmodel():
+    """Import GPTQModel lazily: it is slow to import and refuses to start on a small CPU box
+    unless told how many CPU workers to use."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    return GPTQ, QuantizeConfig
+
+
+def _solver(solver_class, config_class, linear: nn.Linear, spec: QuantSpec):
+    group_size = effective_group_size(linear.in_features, spec.group_size)
+    config = config_class(bits=spec.bits, group_size=group_size, sym=spec.sym, desc_act=False)
+    solver = solver_class(linear, config)
+    solver.quantizer.configure(perchannel=True)
+    return solver
+
+
+def _feed(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict[str, nn.Linear], solvers: dict) -> None:
+    """Run the block on every batch, sending each solver its linear's inputs; a forward stops as
+    soon as every linear of the group has run (the rest of the block is not needed)."""
+    fed: set[str] = set()
+
+    def hook(kind: str):
+        def add(_module, args, out):
+            solvers[kind].add_batch(args[0], out)
+            fed.add(kind)
+            if len(fed) == len(solvers):
+                raise _StopForward
+
+        return add
+
+    handles = [linears[kind].register_forward_hook(hook(kind)) for kind in solvers]
+    try:
+        for states, extra in zip(hidden, kwargs):
+            fed.clear()
+            try:
+                block(states, **extra)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _block_inputs(adapter: Adapter, ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Hidden states entering block 0 per calibration batch, and the keyword arguments (masks,
+    rotary embeddings) of every block per batch, indexed ``[layer][batch]``. Per-block kwargs
+    matter for Gemma2, whose sliding-window layers get a mask of their own."""
+    device = adapter.model.get_input_embeddings().weight.device
+    hidden: list[torch.Tensor] = []
+    block_kwargs: list[list[dict]] = [[] for _ in range(adapter.n_layers)]
+    for start in range(0, len(ids), batch_size):
+        seen: list[int] = []
+
+        def grab(module, args, kwargs):
+            layer = len(seen)
+            seen.append(layer)
+            if layer == 0:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            block_kwargs[layer].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if layer == adapter.n_layers - 1:
+                raise _StopForward
+
+        handles = [block.register_forward_pre_hook(grab, with_kwargs=True) for block in adapter.blocks]
+        try:
+            adapter.model(ids[start : start + batch_size].to(device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+    return hidden, block_kwargs
+
+
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The block's outputs for each batch."""
+    outputs = []
+    for states, extra in zip(hidden, kwargs):
+        out = block(states, **extra)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs

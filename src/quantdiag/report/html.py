@@ -1,0 +1,55 @@
+"""The self-contained ``report.html``: figures embedded as PNG (also saved as PNG and SVG in
+``figures/``), a summary table first, then the evidence with a one-line reading under each."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from jinja2 import Environment, PackageLoader, select_autoescape
+from matplotlib.figure import Figure
+
+from quantdiag.report import plots
+from quantdiag.report.readings import cliff_reading, lens_reading, rank_reading, summary_rows
+from quantdiag.runs import RunDir
+from quantdiag.storage import atomic_file
+
+_ENV = Environment(loader=PackageLoader("quantdiag", "report/templates"), autoescape=select_autoescape())
+
+
+def write_report(run_dir: RunDir, results: dict) -> Path:
+    """Draw every figure, save it, and render the report atomically."""
+    methods = list(results["subsets"])
+    sections = [
+        ("cliff", "Performance cliff", plots.performance_cliff(results), cliff_reading(results)),
+        ("ranks", "Where the answer went", plots.rank_histograms(results), rank_reading(results)),
+        *[
+            (f"lens-{m}", f"Logit lens, {m.upper()}", plots.lens_curves(results, m), lens_reading(results, m))
+            for m in methods
+        ],
+        ("relations", "Accuracy per relation", plots.relation_heatmap(results), ""),
+    ]
+    figures = [
+        {"id": name, "title": title, "png": _save(figure, run_dir.figures / name), "reading": reading}
+        for name, title, figure, reading in sections
+    ]
+    html = _ENV.get_template("report.html.j2").render(results=results, summary=summary_rows(results), figures=figures)
+    with atomic_file(run_dir.report) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    return run_dir.report
+
+
+def _save(figure: Figure, stem: Path) -> str:
+    """Write ``stem``.png and .svg; return the PNG as base64 for embedding."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=130)
+    for suffix in (".png", ".svg"):
+        with atomic_file(stem.with_suffix(suffix)) as tmp:
+            if suffix == ".png":
+                tmp.write_bytes(buffer.getvalue())
+            else:
+                figure.savefig(tmp, format="svg")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()

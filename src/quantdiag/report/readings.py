@@ -1,0 +1,68 @@
+"""One-line readings under each figure: what a reader should see in it, with the numbers."""
+
+from __future__ import annotations
+
+from quantdiag.analysis.lens import signal_layer
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """The summary table: one row per setting, accuracy against the reference."""
+    reference = results["settings"][0]["recall"]["accuracy"]
+    rows = []
+    for setting in results["settings"]:
+        recall = setting["recall"]
+        robustness = recall["robustness_accuracy"]
+        rows.append(
+            {
+                "label": setting["label"],
+                "average_bits": f"{setting['average_bits']:.2f}",
+                "accuracy": _pct(recall["accuracy"]),
+                "delta": "" if setting["method"] is None else f"{100 * (recall['accuracy'] - reference):+.1f} pts",
+                "robustness": "n/a" if robustness is None else _pct(robustness),
+                "median_rank": f"{recall['median_rank']:g}",
+                "top": ", ".join(repr(token) for token, _ in recall["top_predictions"][:3]),
+            }
+        )
+    return rows
+
+
+def cliff_reading(results: dict) -> str:
+    reference = results["settings"][0]["recall"]["accuracy"]
+    parts = [f"Reference {_pct(reference)}"]
+    for setting in results["settings"][1:]:
+        parts.append(f"{setting['label']} {_pct(setting['recall']['accuracy'])}")
+    return "; ".join(parts) + "."
+
+
+def rank_reading(results: dict) -> str:
+    def beyond(setting: dict) -> str:
+        hist = setting["recall"]["rank_histogram"]
+        return _pct(hist[">1000"] / max(1, sum(hist.values())))
+
+    reference = results["settings"][0]
+    lowest = min(results["settings"][1:], key=lambda s: s["bits"])
+    return (
+        f"The answer ranks beyond 1000 for {beyond(reference)} of facts in the reference and "
+        f"{beyond(lowest)} in {lowest['label']}: a rank drop keeps the answer near the top, a collapse loses it."
+    )
+
+
+def lens_reading(results: dict, method: str) -> str:
+    """Where the answer's signal appears on the Failure subset, per setting."""
+    key = f"{method}:failure"
+    parts = []
+    for setting in [results["settings"][0], *[s for s in results["settings"][1:] if s["method"] == method]]:
+        curve = setting["lens"].get(key)
+        if curve is None:
+            continue
+        layer = signal_layer(curve)
+        peak = max(curve["mean_prob"])
+        where = f"p>=0.1 from layer {layer}" if layer is not None else "never reaches p=0.1"
+        parts.append(f"{setting['label']}: {where} (peak {peak:.2f}, final median rank {curve['median_rank'][-1]:g})")
+    if not parts:
+        return "The Failure subset is empty: the 4-bit model recalls every fact the reference recalls."
+    return "Failure subset: " + "; ".join(parts) + "."

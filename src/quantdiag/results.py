@@ -1,0 +1,107 @@
+"""``results.json``: the documented, machine-readable summary of a run (docs/results.md)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from quantdiag.analysis.lens import lens_curves
+from quantdiag.analysis.recall import recall_summary, subsets
+from quantdiag.config import RunConfig
+from quantdiag.data.facts import Fact
+from quantdiag.model.load import DEFAULT_MODEL, LoadedModel
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.calib import Calibration
+from quantdiag.quant.spec import REFERENCE, REFERENCE_BITS, PrecisionPlan
+
+if TYPE_CHECKING:
+    from quantdiag.pipeline import Evaluated
+
+SCHEMA_VERSION = 1
+REFERENCE_NOTE_SMOLLM2 = (
+    "The built-in SmolLM2-135M-Instruct ships as a Q4_1 GGUF file: its reference ('full precision') "
+    "model is those Q4_1 weights dequantized to float."
+)
+SWAP_NOTE = (
+    "Each setting is quantized once and cached; every compared model is the reference model with "
+    "the dequantized weights of that setting swapped into its linear layers (no re-quantization)."
+)
+
+
+def build_results(
+    config: RunConfig,
+    loaded: LoadedModel,
+    facts: list[Fact],
+    fact_of_robustness: np.ndarray,
+    reference: Evaluated,
+    evaluated: list[Evaluated],
+    bank: WeightBank,
+    calibration: Calibration | None,
+) -> dict:
+    """Assemble the summary; ``docs/results.md`` documents every field."""
+    method_subsets = {
+        item.spec.method: subsets(reference.scores.correct, item.scores.correct)
+        for item in evaluated
+        if item.spec.bits == config.subset_bits
+    }
+    settings = [_setting(reference, facts, loaded, fact_of_robustness, method_subsets, bank)]
+    settings += [_setting(item, facts, loaded, fact_of_robustness, method_subsets, bank) for item in evaluated]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {
+            "name": loaded.name,
+            "source": config.model,
+            "family": loaded.adapter.arch.family,
+            "n_layers": loaded.adapter.n_layers,
+            "fingerprint": loaded.fingerprint,
+        },
+        "config": config.to_json(),
+        "facts": {
+            "count": len(facts),
+            "relations": sorted({fact.relation for fact in facts}),
+            "robustness_prompts": len(fact_of_robustness),
+            "robustness_facts": int(len(np.unique(fact_of_robustness))),
+        },
+        "calibration": None if calibration is None else calibration.describe(),
+        "subsets": {
+            method: {
+                "defined_by": f"{method.upper()} {config.subset_bits}-bit",
+                **{name: len(rows) for name, rows in groups.items()},
+            }
+            for method, groups in method_subsets.items()
+        },
+        "settings": settings,
+        "notes": _notes(config, evaluated, bank),
+    }
+
+
+def _setting(item: Evaluated, facts, loaded, fact_of_robustness, method_subsets, bank: WeightBank) -> dict:
+    spec = item.spec
+    if spec is None:
+        lens_groups = {"all": np.arange(len(facts))}
+        lens_groups |= {f"{m}:{name}": rows for m, groups in method_subsets.items() for name, rows in groups.items()}
+    else:
+        lens_groups = {f"{spec.method}:{name}": rows for name, rows in method_subsets.get(spec.method, {}).items()}
+    return {
+        "key": item.setting,
+        "label": "Reference" if spec is None else spec.label,
+        "method": None if spec is None else spec.method,
+        "bits": REFERENCE_BITS if spec is None else spec.bits,
+        "average_bits": bank.average_bits(PrecisionPlan.uniform(item.setting)),
+        "recall": recall_summary(facts, item.scores, loaded.tokenizer, item.robustness, fact_of_robustness),
+        "lens": {name: lens_curves(item.scores, rows) for name, rows in lens_groups.items()},
+    }
+
+
+def _notes(config: RunConfig, evaluated: list[Evaluated], bank: WeightBank) -> list[str]:
+    notes = [SWAP_NOTE]
+    if config.model == DEFAULT_MODEL:
+        notes.insert(0, REFERENCE_NOTE_SMOLLM2)
+    if evaluated:
+        fallbacks = bank.group_size_fallbacks(evaluated[0].spec)
+        notes += [
+            f"Group size {config.group_size} does not divide input width {width}: those linears use group size {used}."
+            for width, used in fallbacks.items()
+        ]
+    return notes
