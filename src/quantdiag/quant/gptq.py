@@ -58,7 +58,7 @@ def _gptqmodel():
 
 def _solver(solver_class, config_class, linear: nn.Linear, spec: QuantSpec):
     group_size = effective_group_size(linear.in_features, spec.group_size)
-    config = config_class(bits=spec.bits, group_size=group_size, sym=spec.sym, desc_act=False)
+    config = config_class(bits=spec.bits, group_size=group_size, sym=spec.sym, desc_act=False, offload_to_disk=False)
     solver = solver_class(linear, config)
     solver.quantizer.configure(perchannel=True)
     return solver

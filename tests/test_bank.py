@@ -1,0 +1,79 @@
+import torch
+
+from quantdiag.model.probes import capture
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.calib import Calibration
+from quantdiag.quant.gptq import gptq_dequantized
+from quantdiag.quant.rtn import rtn_dequantized
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule
+
+
+def _weights(loaded) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+
+
+def _calibration(n: int = 8, length: int = 32) -> Calibration:
+    return Calibration(torch.randint(1, 500, (n, length), generator=torch.Generator().manual_seed(0)), "random tokens")
+
+
+def test_apply_reference_restores_weights_bit_for_bit(llama):
+    original = _weights(llama)
+    bank = WeightBank(llama)
+    spec = QuantSpec("rtn", 2, 32)
+    bank.ensure(spec)
+    bank.apply(PrecisionPlan.uniform(spec.key))
+    assert not torch.equal(llama.model.model.layers[0].mlp.up_proj.weight, original["model.layers.0.mlp.up_proj.weight"])
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    for name, tensor in _weights(llama).items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_a_plan_swaps_only_the_modules_it_names(llama):
+    original = _weights(llama)
+    bank = WeightBank(llama)
+    spec = QuantSpec("rtn", 4, 32)
+    bank.ensure(spec)
+    bank.apply(PrecisionPlan(rules=(Rule(spec.key, pattern=r"mlp\.down_proj", layers=(1, 2)),)))
+    changed = {name for name, tensor in _weights(llama).items() if not torch.equal(tensor, original[name])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight"}
+    expected = rtn_dequantized(original["model.layers.1.mlp.down_proj.weight"], 4, 32)
+    assert torch.equal(llama.model.model.layers[1].mlp.down_proj.weight, expected)
+
+
+def test_each_setting_is_quantized_once_and_reused(llama, monkeypatch):
+    spec = QuantSpec("rtn", 3, 32)
+    WeightBank(llama).ensure(spec)
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr("quantdiag.quant.bank.rtn_dequantized", fail)
+    bank = WeightBank(llama)
+    assert bank.has(spec.key)
+    bank.ensure(spec)
+    bank.apply(PrecisionPlan.uniform(spec.key))
+
+
+def test_gptq_keys_depend_on_the_calibration(llama):
+    spec = QuantSpec("gptq", 4, 32)
+    first = WeightBank(llama, _calibration()).path(spec.key)
+    other = WeightBank(llama, Calibration(torch.ones(8, 32, dtype=torch.long), "ones")).path(spec.key)
+    assert first != other
+
+
+def test_gptq_beats_rtn_on_its_calibration_inputs_and_leaves_the_model_unchanged(llama):
+    calibration = _calibration()
+    original = _weights(llama)
+    spec = QuantSpec("gptq", 3, 32)
+    quantized = gptq_dequantized(llama.adapter, calibration.ids, spec, batch_size=4)
+    for name, tensor in _weights(llama).items():
+        assert torch.equal(tensor, original[name]), name
+    assert set(quantized) == set(llama.adapter.linear_names())
+    with capture(llama.adapter, ["blocks.0.mlp.act"]) as acts:
+        llama.model(calibration.ids)
+    inputs = acts["blocks.0.mlp.act"].reshape(-1, 128)
+    name = "model.layers.0.mlp.down_proj"
+    weight = original[name + ".weight"]
+    gptq_error = (inputs @ (quantized[name] - weight).T).pow(2).mean()
+    rtn_error = (inputs @ (rtn_dequantized(weight, 3, 32) - weight).T).pow(2).mean()
+    assert gptq_error < rtn_error
