@@ -38,25 +38,22 @@ def quick_run(tmp_path_factory):
     return config, report, json.loads((report.parent / "results.json").read_text())
 
 
-def _accuracy(results: dict, label: str) -> float:
-    return next(s for s in results["settings"] if s["label"] == label)["recall"]["accuracy"]
+def _setting(results: dict, label: str) -> dict:
+    return next(s for s in results["settings"] if s["label"] == label)
 
 
 def test_the_performance_cliff(quick_run):
-    """4-bit stays close to the reference; 2-bit falls far below it."""
+    """4-bit is a rank drop (answers stay near the top); 2-bit is a collapse (ranks in the
+    thousands, accuracy near zero). A 135M model loses more at 4-bit than an 8B one does."""
     _, _, results = quick_run
-    reference = _accuracy(results, "Reference")
-    assert reference > 0.15
+    reference = _setting(results, "Reference")["recall"]
+    assert reference["accuracy"] > 0.15
     for method in ("RTN", "GPTQ"):
-        assert _accuracy(results, f"{method} 4-bit") >= reference - 0.12, method
-        assert _accuracy(results, f"{method} 2-bit") <= 0.25 * reference, method
-
-
-def test_two_bit_answers_rank_in_the_thousands(quick_run):
-    _, _, results = quick_run
-    two_bit = next(s for s in results["settings"] if s["label"] == "RTN 2-bit")
-    reference = results["settings"][0]
-    assert two_bit["recall"]["median_rank"] > 100 * reference["recall"]["median_rank"]
+        four, two = _setting(results, f"{method} 4-bit")["recall"], _setting(results, f"{method} 2-bit")["recall"]
+        assert four["accuracy"] >= 0.4 * reference["accuracy"], method
+        assert four["median_rank"] <= 2 * reference["median_rank"], method
+        assert two["accuracy"] <= 0.1 * reference["accuracy"], method
+        assert two["median_rank"] > 100 * reference["median_rank"], method
 
 
 def test_report_and_lens_per_subset(quick_run):
