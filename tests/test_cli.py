@@ -24,6 +24,8 @@ def _assert_user_error(result, out_dir, fragment: str):
     [
         (["--bits", "4,9"], "between 2 and 8"),
         (["--bits", "four"], "integers"),
+        (["--facts", "many"], "'all'"),
+        (["--facts", "0"], "facts-per-relation must be positive"),
         (["--group-size", "0"], "group size"),
         (["--methods", "rtn,awq9"], "unknown method"),
         (["--relations", "P19,P9999"], "P9999"),

@@ -31,6 +31,12 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
         raise QuantdiagError(f"{what} must be comma-separated integers, not '{text}'") from None
 
 
+def _count(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise QuantdiagError(f"{what} must be a positive number or 'all', not '{text}'")
+    return int(text)
+
+
 def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -82,7 +88,7 @@ def run(
             group_size=group_size,
             sym=not asym,
             preset=preset,
-            facts_per_relation=None if facts is None or all_facts else _ints(facts, "--facts")[0],
+            facts_per_relation=None if facts is None or all_facts else _count(facts, "--facts"),
             all_facts=all_facts,
             facts_file=facts_file,
             relations=_names(relations),

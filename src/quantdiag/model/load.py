@@ -123,8 +123,8 @@ def _hf_folder(source: str, trust_remote_code: bool) -> str:
         if not (path / "config.json").is_file():
             raise QuantdiagError(f"'{source}' is a folder without config.json: not a Hugging Face model")
         return str(path)
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise QuantdiagError(f"model not found: '{source}' is neither a file, a folder nor a hub id (org/name)")
+    if source.startswith((".", "/", "~")):
+        raise QuantdiagError(f"model not found: no file or folder '{source}'")
     try:
         AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -45,6 +45,7 @@ def performance_cliff(results: dict) -> Figure:
     ax.set(xlabel="weight bits", ylabel="accuracy (%)", title="Performance cliff: factual recall vs bits")
     ax.invert_xaxis()
     ax.set_xticks(sorted({s["bits"] for s in results["settings"][1:]}))
+    ax.margins(y=0.12)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
