@@ -76,7 +76,14 @@ def build_results(
     }
 
 
-def _setting(item: Evaluated, facts, loaded, fact_of_robustness, method_subsets, bank: WeightBank) -> dict:
+def _setting(
+    item: Evaluated,
+    facts: list[Fact],
+    loaded: LoadedModel,
+    fact_of_robustness: np.ndarray,
+    method_subsets: dict[str, dict[str, np.ndarray]],
+    bank: WeightBank,
+) -> dict:
     spec = item.spec
     if spec is None:
         lens_groups = {"all": np.arange(len(facts))}

@@ -65,11 +65,14 @@ class WeightBank:
 
     @torch.no_grad()
     def apply(self, plan: PrecisionPlan) -> None:
-        """Load each linear's weights for its setting; modules already there are not touched."""
+        """Load each linear's weights for its setting; modules already there are not touched.
+        Files no module uses any more are unmapped, so memory holds at most the settings in use."""
         for name, setting in self.assignment(plan).items():
             if self.current[name] != setting:
                 self.modules[name].weight.copy_(self._handle(setting).get_tensor(name))
                 self.current[name] = setting
+        in_use = set(self.current.values())
+        self._handles = {setting: handle for setting, handle in self._handles.items() if setting in in_use}
 
     def average_bits(self, plan: PrecisionPlan) -> float:
         return average_bits(self.assignment(plan), self.sizes)
