@@ -59,10 +59,6 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
 def _jsonable(value: Any) -> Any:
     """numpy scalars and arrays into plain JSON."""
     if hasattr(value, "tolist"):

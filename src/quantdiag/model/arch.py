@@ -17,10 +17,6 @@ from torch import nn
 
 from quantdiag.errors import QuantdiagError
 
-#: The linear layers of a block, by short kind name.
-LINEAR_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
 @dataclass(frozen=True)
 class Arch:
     """Module paths of one family. ``attn_out`` / ``mlp_out`` name the module whose output is

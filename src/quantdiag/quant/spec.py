@@ -99,10 +99,6 @@ class PrecisionPlan:
                 setting = rule.setting
         return setting
 
-    def settings(self) -> set[str]:
-        """Every setting this plan may use."""
-        return {self.default, *(rule.setting for rule in self.rules)}
-
 
 def average_bits(assignment: Mapping[str, str], sizes: Mapping[str, int]) -> float:
     """Parameter-weighted mean of nominal bits over the linears: ``assignment`` maps module name to
