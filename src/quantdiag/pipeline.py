@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ class PromptSet:
     def fact_of_robustness(self) -> np.ndarray:
         return np.array([p.fact for p in self.robustness], dtype=np.int64)
 
+    @cached_property
     def digest(self) -> str:
+        """Hash of every prompt's ids and target: part of each evaluation stage's cache key."""
         blob = repr([(p.ids, p.target) for p in self.primary + self.robustness]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -104,7 +107,7 @@ def evaluate(
 ) -> Evaluated:
     """Scores of one uniform setting (``None``: the reference), from the stage cache if finished."""
     setting = REFERENCE if spec is None else spec.key
-    key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest(), lens_rows.tobytes().hex())
+    key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, lens_rows.tobytes().hex())
 
     def compute() -> dict[str, np.ndarray]:
         bank.apply(PrecisionPlan.uniform(setting))
