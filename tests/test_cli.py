@@ -1,9 +1,12 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback, nothing written."""
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
 from quantdiag.cli import app
+from quantdiag.config import RunConfig
 
 
 def _run(args: list[str]):
@@ -33,6 +36,11 @@ def _assert_user_error(result, out_dir, fragment: str):
         (["--bits", "8,2"], "add 4 to --bits"),
         (["--model", "./no/such/model"], "model not found"),
         (["--device", "tpu"], "device"),
+        (["--analyses", "patching,vibes"], "unknown analysis"),
+        (["--streams", "resid,kv"], "unknown stream"),
+        (["--bits", "4,2", "--causal-bits", "3"], "not among --bits"),
+        (["--patch-prompts", "0"], "patch-prompts must be positive"),
+        (["--window", "0"], "window must be positive"),
     ],
 )
 def test_bad_options(tmp_path, args, fragment):
@@ -67,3 +75,14 @@ def test_output_path_that_is_a_file(tmp_path):
     target.write_text("x")
     result = _run(["--out", str(target)])
     assert result.exit_code == 2 and "not a folder" in result.stderr
+
+
+def test_patch_needs_a_run_directory(tmp_path):
+    result = CliRunner().invoke(app, ["patch", str(tmp_path)])
+    assert result.exit_code == 2 and "not a quantdiag run directory" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_saved_config_round_trips():
+    config = RunConfig(bits=(4, 2), relations=("P19",), analyses=("ablation",), streams=("resid",))
+    assert RunConfig.from_json(json.loads(json.dumps(config.to_json()))) == config

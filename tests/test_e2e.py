@@ -1,4 +1,5 @@
-"""End to end on the built-in SmolLM2 with the quick preset: RTN and GPTQ at 4 and 2 bits.
+"""End to end on the built-in SmolLM2 with the quick preset: RTN and GPTQ at 4 and 2 bits, then
+``quantdiag patch`` on the finished run (residual patching, 4 prompts a subset).
 
 Uses the user's quantdiag cache (content-keyed, so sharing it is safe): the first run on a fresh
 machine converts the GGUF, generates calibration text and quantizes (a few minutes); reruns reuse it.
@@ -9,8 +10,12 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from quantdiag.analysis.effects import early_last_subject, from_json
+from quantdiag.cli import app
 from quantdiag.config import RunConfig
 from quantdiag.pipeline import run
 
@@ -77,3 +82,36 @@ def test_a_rerun_resumes_from_finished_stages(quick_run):
     assert time.perf_counter() - start < 120
     assert {p: p.stat().st_mtime_ns for p in (report.parent / "stages").iterdir()} == stages
     assert json.loads((report.parent / "results.json").read_text())["settings"] == results["settings"]
+
+
+@pytest.fixture(scope="module")
+def patched_run(quick_run):
+    _, report, _ = quick_run
+    args = ["patch", str(report.parent), "--analyses", "patching", "--streams", "resid", "--patch-prompts", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return report, json.loads((report.parent / "results.json").read_text())
+
+
+def test_patching_restores_4_bit_not_2_bit(patched_run):
+    """The paper's Fig. 4: on the Failure subset, the reference's residual at the last subject
+    token in early layers restores the 4-bit model's answer, not the 2-bit model's."""
+    _, results = patched_run
+    for method in ("RTN", "GPTQ"):
+        key = f"{method.lower()}:failure"
+        four, two = (
+            early_last_subject(from_json(_setting(results, f"{method} {bits}-bit")["causal"][key]["patching"]["resid"]["restoration"]))
+            for bits in (4, 2)
+        )
+        assert four > max(5 * two, two + 0.005), (method, four, two)
+
+
+def test_patch_adds_the_causal_section(patched_run):
+    report, results = patched_run
+    assert results["causal"]["analyses"] == ["patching"] and "causal" not in results["settings"][0]
+    html = report.read_text()
+    assert "Cross-model patching, GPTQ, Failure subset" in html and "restored" in html
+    assert (report.parent / "figures" / "causal-tokens-gptq.svg").is_file()
+    arrays = np.load(report.parent / "arrays.npz")
+    grid = arrays["gptq-w4-g128-sym/causal/gptq:failure/patching/resid"]
+    assert grid.shape[:2] == (4, 30) and np.isfinite(grid[:, :, 0]).all()

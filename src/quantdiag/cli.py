@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 
+from quantdiag.analysis.causal import ANALYSES, KINDS
 from quantdiag.config import PRESETS, RunConfig
 from quantdiag.errors import QuantdiagError
+
+ANALYSES_HELP = f"causal analyses, comma-separated: {', '.join(ANALYSES)}, or none (default: from the preset)"
+PROMPTS_HELP = "prompts per subset for the causal analyses (default: from the preset)"
+BITS_HELP = "bit widths that get the causal analyses (default: all of --bits)"
+STREAMS_HELP = f"what patching and ablation write, comma-separated: {', '.join(KINDS)} (residual, MLP output, attention output)"
+WINDOW_HELP = "layers patched together for MLP and attention outputs (ROME's window)"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diagnose why a quantized LLM fails.")
 T = TypeVar("T")
@@ -41,6 +49,11 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _analyses(text: str | None) -> tuple[str, ...] | None:
+    """``--analyses``: names, or 'none' for recall and lens only."""
+    return () if text == "none" else _names(text)
+
+
 def _guard(call: Callable[[], T]) -> T:
     """Turn user errors into one line on stderr and exit code 2."""
     try:
@@ -51,6 +64,15 @@ def _guard(call: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         print("quantdiag: interrupted; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+def _show_report(call: Callable[[], Path]) -> None:
+    """Run a command that writes a report and print where the report is."""
+    print(f"report: {_guard(call).resolve()}")
+
+
+def _bits(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else _ints(text, "--causal-bits")
 
 
 @app.command()
@@ -73,8 +95,13 @@ def run(
     batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 64,
     seed: Annotated[int, typer.Option(help="seed of fact sampling and calibration text")] = 0,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code")] = False,
+    analyses: Annotated[str | None, typer.Option(help=ANALYSES_HELP)] = None,
+    patch_prompts: Annotated[int | None, typer.Option(help=PROMPTS_HELP)] = None,
+    causal_bits: Annotated[str | None, typer.Option(help=BITS_HELP)] = None,
+    streams: Annotated[str, typer.Option(help=STREAMS_HELP)] = ",".join(KINDS),
+    window: Annotated[int, typer.Option(help=WINDOW_HELP)] = 1,
 ) -> None:
-    """Quantize a model, measure its factual recall and logit lens, and write a report."""
+    """Quantize a model, measure its factual recall, logit lens and causal effects, and write a report."""
 
     def call():
         from quantdiag.pipeline import run as run_pipeline
@@ -100,8 +127,38 @@ def run(
             dtype=dtype,
             seed=seed,
             trust_remote_code=trust_remote_code,
+            analyses=_analyses(analyses),
+            patch_prompts=patch_prompts,
+            causal_bits=_bits(causal_bits),
+            streams=_names(streams) or (),
+            window=window,
         )
         return run_pipeline(config)
 
-    report = _guard(call)
-    print(f"report: {report.resolve()}")
+    _show_report(call)
+
+
+@app.command()
+def patch(
+    run_dir: Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")],
+    analyses: Annotated[str, typer.Option(help=ANALYSES_HELP)] = ",".join(ANALYSES),
+    patch_prompts: Annotated[int | None, typer.Option(help=PROMPTS_HELP)] = None,
+    causal_bits: Annotated[str | None, typer.Option(help=BITS_HELP)] = None,
+    streams: Annotated[str | None, typer.Option(help=STREAMS_HELP)] = None,
+    window: Annotated[int | None, typer.Option(help=WINDOW_HELP)] = None,
+) -> None:
+    """Add cross-model patching and zero ablation to a finished run, reusing its results."""
+
+    def call():
+        from quantdiag.pipeline import rerun
+
+        return rerun(
+            Path(run_dir),
+            analyses=_analyses(analyses),
+            patch_prompts=patch_prompts,
+            causal_bits=_bits(causal_bits),
+            streams=_names(streams),
+            window=window,
+        )
+
+    _show_report(call)

@@ -1,24 +1,25 @@
 """Run configuration: what to quantize, which facts, which device; presets fill the sizes.
 
-``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2); ``full`` is the
-default diagnosis. The calibration set defaults to 16 x 256 tokens, enough for small models on a
+``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2, no causal
+analyses); ``full`` is the default diagnosis, with cross-model patching and zero ablation. The calibration set defaults to 16 x 256 tokens, enough for small models on a
 CPU; for a paper-scale run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from quantdiag.analysis.causal import ANALYSES, KINDS
 from quantdiag.data.facts import Fact, load_pararel, load_user_facts
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import DEFAULT_MODEL
 from quantdiag.quant.spec import METHODS, QuantSpec
 
 PRESETS: dict[str, dict] = {
-    "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2},
-    "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3},
+    "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": (), "patch_prompts": 4},
+    "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3, "analyses": ANALYSES, "patch_prompts": 8},
 }
 
 
@@ -42,6 +43,11 @@ class RunConfig:
     calib_samples: int = 16
     calib_length: int = 256
     subset_bits: int = 4
+    analyses: tuple[str, ...] | None = None
+    patch_prompts: int | None = None
+    causal_bits: tuple[int, ...] | None = None
+    streams: tuple[str, ...] = KINDS
+    window: int = 1
     batch_size: int = 64
     device: str = "auto"
     dtype: str = "auto"
@@ -56,11 +62,20 @@ class RunConfig:
         filled = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
         config = replace(self, **filled)
         config.specs()
-        for name in ("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size"):
+        for name in ("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size", "patch_prompts", "window"):
             if getattr(config, name) is not None and getattr(config, name) <= 0:
                 raise QuantdiagError(f"{name.replace('_', '-')} must be positive")
         if config.subset_bits not in config.bits:
             raise QuantdiagError(f"the subsets need {config.subset_bits}-bit settings: add {config.subset_bits} to --bits")
+        unknown = [a for a in config.analyses if a not in ANALYSES]
+        if unknown:
+            raise QuantdiagError(f"unknown analysis {', '.join(unknown)} (choose from {', '.join(ANALYSES)}, or none)")
+        unknown = [k for k in config.streams if k not in KINDS]
+        if unknown or not config.streams:
+            raise QuantdiagError(f"unknown stream {', '.join(unknown) or '(none)'} (choose from {', '.join(KINDS)})")
+        missing = sorted(set(config.causal_bits or ()) - set(config.bits))
+        if missing:
+            raise QuantdiagError(f"--causal-bits {', '.join(map(str, missing))} not among --bits")
         config.facts()
         check_writable(Path(config.out))
         return config
@@ -81,8 +96,21 @@ class RunConfig:
         per_relation = None if self.all_facts else self.facts_per_relation
         return load_pararel(list(self.relations) if self.relations else None, per_relation, self.seed)
 
+    def causal_specs(self) -> list[QuantSpec]:
+        """The settings that get the causal analyses (all of them unless ``causal_bits``)."""
+        chosen = self.bits if self.causal_bits is None else self.causal_bits
+        return [spec for spec in self.specs() if spec.bits in chosen] if self.analyses else []
+
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunConfig:
+        """Inverse of :meth:`to_json` (JSON lists back to tuples); unknown keys are an error."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QuantdiagError(f"config.json has unknown options: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def check_writable(out: Path) -> None:

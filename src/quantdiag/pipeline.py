@@ -1,18 +1,23 @@
 """``quantdiag run`` as one library call: quantize every setting once, evaluate recall and the
-logit lens of the reference and each setting, write results, arrays, figures and the report."""
+logit lens of the reference and each setting, trace causal effects (patching, ablation) on
+samples of the subsets, write results, arrays, figures and the report."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from functools import cached_property
+import json
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 
+from quantdiag.analysis.causal import CausalPlan, causal_arrays
 from quantdiag.analysis.forward import Scores, score_prompts
+from quantdiag.analysis.recall import subsets
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
+from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import LoadedModel, load_reference
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
@@ -73,12 +78,24 @@ def run(config: RunConfig) -> Path:
     evaluated = [
         evaluate(run_dir, loaded, bank, prompts, spec, config.batch_size, reference.scores.correct) for spec in specs
     ]
+    groups = method_subsets(reference, evaluated, config.subset_bits)
+    causal = causal_effects(run_dir, loaded, bank, prompts, config, groups)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    results = build_results(config, loaded, facts, prompts.fact_of_robustness, reference, evaluated, bank, calibration)
+    results = build_results(config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, causal)
     run_dir.write_json("results.json", results)
-    save_arrays(run_dir.path / "arrays.npz", _arrays(reference, evaluated, facts))
+    save_arrays(run_dir.path / "arrays.npz", _arrays(reference, evaluated, facts, causal))
     write_report(run_dir, results)
     return run_dir.report
+
+
+def rerun(run_dir: Path, **changes) -> Path:
+    """Run again on an existing run directory with some options changed (``None``: keep):
+    finished stages are reused, so only the new analyses are computed. ``quantdiag patch``."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise QuantdiagError(f"{run_dir} is not a quantdiag run directory (no config.json)")
+    config = RunConfig.from_json(json.loads(saved.read_text()))
+    return run(replace(config, out=str(run_dir), **{k: v for k, v in changes.items() if v is not None}))
 
 
 def build_prompts(loaded: LoadedModel, facts: list[Fact], config: RunConfig) -> PromptSet:
@@ -120,10 +137,55 @@ def evaluate(
     return Evaluated(setting, spec, Scores.from_arrays(arrays), Scores.from_arrays(arrays, "robustness/"))
 
 
-def _arrays(reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact]) -> dict[str, np.ndarray]:
-    """Per-prompt arrays of every setting, ``{setting}/{field}``, plus each prompt's relation."""
+def method_subsets(reference: Evaluated, evaluated: list[Evaluated], bits: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per method, the rows of its Robust and Failure subsets (defined by its ``bits`` setting)."""
+    return {
+        item.spec.method: subsets(reference.scores.correct, item.scores.correct) for item in evaluated if item.spec.bits == bits
+    }
+
+
+def causal_effects(
+    run_dir: RunDir,
+    loaded: LoadedModel,
+    bank: WeightBank,
+    prompts: PromptSet,
+    config: RunConfig,
+    groups: dict[str, dict[str, np.ndarray]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Setting -> causal arrays (``causal.causal_arrays``) on a seeded sample of
+    ``patch_prompts`` prompts of each non-empty subset, ``{method}:{subset}``; the reference gets
+    every method's subsets. Each setting is a resumable stage."""
+    order = np.random.default_rng(config.seed).permutation(len(prompts.primary))
+    chosen = {
+        f"{method}:{name}": np.sort(order[np.isin(order, rows)][: config.patch_prompts])
+        for method, named in groups.items()
+        for name, rows in named.items()
+        if len(rows)
+    }
+    plan = CausalPlan(config.analyses, config.streams, config.window)
+    targets = [(REFERENCE, list(chosen))]
+    targets += [(spec.key, [name for name in chosen if name.startswith(f"{spec.method}:")]) for spec in config.causal_specs()]
+    effects = {}
+    for setting, names in targets:
+        if not names or not plan.sweeps(setting):
+            continue
+        rows = {name: chosen[name].tolist() for name in names}
+        key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, rows, asdict(plan))
+        subset_prompts = {name: [prompts.primary[i] for i in picked] for name, picked in rows.items()}
+        compute = partial(causal_arrays, loaded, bank, setting, subset_prompts, plan, config.batch_size)
+        effects[setting] = run_dir.cached(f"causal-{setting}", key, compute) | {f"{n}/rows": np.array(r) for n, r in rows.items()}
+    return effects
+
+
+def _arrays(
+    reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact], causal: dict[str, dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Per-prompt arrays of every setting, ``{setting}/{field}``, the causal grids,
+    ``{setting}/causal/{subset}/...``, and each prompt's relation."""
     arrays = {"relation": np.array([fact.relation for fact in facts])}
     for item in [reference, *evaluated]:
         arrays.update(item.scores.arrays(f"{item.setting}/"))
         arrays.update(item.robustness.arrays(f"{item.setting}/robustness/"))
+    for setting, grids in causal.items():
+        arrays.update({f"{setting}/causal/{key}": value for key, value in grids.items()})
     return arrays

@@ -6,8 +6,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from quantdiag.analysis.effects import as_json, per_token_restoration, subset_summary
 from quantdiag.analysis.lens import lens_curves
-from quantdiag.analysis.recall import recall_summary, subsets
+from quantdiag.analysis.positions import GROUPS
+from quantdiag.analysis.recall import recall_summary
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact
 from quantdiag.model.load import DEFAULT_MODEL, LoadedModel
@@ -16,7 +18,7 @@ from quantdiag.quant.calib import Calibration
 from quantdiag.quant.spec import REFERENCE, REFERENCE_BITS, PrecisionPlan
 
 if TYPE_CHECKING:
-    from quantdiag.pipeline import Evaluated
+    from quantdiag.pipeline import Evaluated, PromptSet
 
 SCHEMA_VERSION = 1
 REFERENCE_NOTE_SMOLLM2 = (
@@ -33,20 +35,21 @@ def build_results(
     config: RunConfig,
     loaded: LoadedModel,
     facts: list[Fact],
-    fact_of_robustness: np.ndarray,
+    prompts: PromptSet,
     reference: Evaluated,
     evaluated: list[Evaluated],
     bank: WeightBank,
     calibration: Calibration | None,
+    method_subsets: dict[str, dict[str, np.ndarray]],
+    causal: dict[str, dict[str, np.ndarray]],
 ) -> dict:
     """Assemble the summary; ``docs/results.md`` documents every field."""
-    method_subsets = {
-        item.spec.method: subsets(reference.scores.correct, item.scores.correct)
-        for item in evaluated
-        if item.spec.bits == config.subset_bits
-    }
+    fact_of_robustness = prompts.fact_of_robustness
     settings = [_setting(reference, facts, loaded, fact_of_robustness, method_subsets, bank)]
     settings += [_setting(item, facts, loaded, fact_of_robustness, method_subsets, bank) for item in evaluated]
+    for setting in settings:
+        if setting["key"] in causal:
+            setting["causal"] = _causal(causal[setting["key"]], prompts, loaded)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": {
@@ -71,6 +74,14 @@ def build_results(
             }
             for method, groups in method_subsets.items()
         },
+        "causal": {
+            "analyses": list(config.analyses),
+            "window": config.window,
+            "prompts_per_subset": config.patch_prompts,
+            "positions": list(GROUPS),
+        }
+        if causal
+        else None,
         "settings": settings,
         "notes": _notes(config, evaluated, bank),
     }
@@ -99,6 +110,24 @@ def _setting(
         "recall": recall_summary(facts, item.scores, loaded.tokenizer, item.robustness, fact_of_robustness),
         "lens": {name: lens_curves(item.scores, rows) for name, rows in lens_groups.items()},
     }
+
+
+def _causal(arrays: dict[str, np.ndarray], prompts: PromptSet, loaded: LoadedModel) -> dict:
+    """Per subset: the grouped heatmaps, and the per-token view of the subset's first prompt."""
+    out = {}
+    for subset in sorted({key.split("/")[0] for key in arrays}):
+        out[subset] = subset_summary(arrays, subset)
+        if f"{subset}/patching/resid" in arrays:
+            prompt = prompts.primary[int(arrays[f"{subset}/rows"][0])]
+            length = len(prompt.ids)
+            grid = arrays[f"{subset}/patching/resid"][0, :, :length]
+            p_model, p_reference = arrays[f"{subset}/p_model"][0], arrays[f"{subset}/p_reference"][0]
+            out[subset]["example"] = {
+                "tokens": [loaded.tokenizer.decode([token]) for token in prompt.ids],
+                "target": loaded.tokenizer.decode([prompt.target]),
+                "restoration": as_json(per_token_restoration(grid, p_model, p_reference)),
+            }
+    return out
 
 
 def _notes(config: RunConfig, evaluated: list[Evaluated], bank: WeightBank) -> list[str]:

@@ -10,12 +10,15 @@ linears follow the adapter's true-sequential groups (q/k/v, o, gate/up, down), a
 from __future__ import annotations
 
 import os
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from quantdiag.model.arch import Adapter
+from quantdiag.model.stack import run_block, trace_stack
 from quantdiag.quant.spec import QuantSpec, effective_group_size
+
 
 class _StopForward(Exception):
     """Raised by a hook when the rest of a forward is not needed."""
@@ -96,35 +99,10 @@ def _block_inputs(adapter: Adapter, ids: torch.Tensor, batch_size: int) -> tuple
     rotary embeddings) of every block per batch, indexed ``[layer][batch]``. Per-block kwargs
     matter for Gemma2, whose sliding-window layers get a mask of their own."""
     device = adapter.model.get_input_embeddings().weight.device
-    hidden: list[torch.Tensor] = []
-    block_kwargs: list[list[dict]] = [[] for _ in range(adapter.n_layers)]
-    for start in range(0, len(ids), batch_size):
-        seen: list[int] = []
-
-        def grab(module, args, kwargs):
-            layer = len(seen)
-            seen.append(layer)
-            if layer == 0:
-                hidden.append(args[0] if args else kwargs["hidden_states"])
-            block_kwargs[layer].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            if layer == adapter.n_layers - 1:
-                raise _StopForward
-
-        handles = [block.register_forward_pre_hook(grab, with_kwargs=True) for block in adapter.blocks]
-        try:
-            adapter.model(ids[start : start + batch_size].to(device), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-    return hidden, block_kwargs
+    traces = [trace_stack(adapter, ids[i : i + batch_size].to(device), all_states=False) for i in range(0, len(ids), batch_size)]
+    return [trace.states[0] for trace in traces], [[trace.kwargs[layer] for trace in traces] for layer in range(adapter.n_layers)]
 
 
 def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     """The block's outputs for each batch."""
-    outputs = []
-    for states, extra in zip(hidden, kwargs):
-        out = block(states, **extra)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
+    return [run_block(block, states, extra) for states, extra in zip(hidden, kwargs)]

@@ -1,5 +1,6 @@
 """The self-contained ``report.html``: figures embedded as PNG (also saved as PNG and SVG in
-``figures/``), a summary table first, then the evidence with a one-line reading under each."""
+``figures/``), a summary table first, then the evidence with a one-line reading under each
+figure (a list of them under multi-panel causal figures)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure
 
 from quantdiag.report import plots
+from quantdiag.report.causal import causal_sections
 from quantdiag.report.readings import cliff_reading, lens_reading, rank_reading, summary_rows
 from quantdiag.runs import RunDir
 from quantdiag.storage import atomic_file
@@ -29,6 +31,7 @@ def write_report(run_dir: RunDir, results: dict) -> Path:
             (f"lens-{m}", f"Logit lens, {m.upper()}", plots.lens_curves(results, m), lens_reading(results, m))
             for m in methods
         ],
+        *causal_sections(results),
         ("relations", "Accuracy per relation", plots.relation_heatmap(results), ""),
     ]
     figures = [

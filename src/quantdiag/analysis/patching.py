@@ -1,0 +1,184 @@
+"""The patching engine (METHODS 3): p(target) after writing a value at every (layer, token) of a
+batch of prompts, one heatmap per call, and the naive loop it must equal.
+
+The engine runs a model's clean forward once per batch (:func:`trace`), then for each layer l
+resumes from the cached input of the first patched block with all (prompt, token) patches of that
+layer stacked as rows of one batch: layers below l are never recomputed, and only the last
+position goes through the unembedding. Cross-model patching writes the reference's values into
+the compared model; zero ablation writes a model's own ``h_{l-1}`` (residual) or zeros (MLP,
+attention) into itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantdiag.analysis.forward import target_scores
+from quantdiag.model.arch import Adapter
+from quantdiag.model.probes import capture, replace
+from quantdiag.model.stack import StackTrace, run_block, trace_stack
+
+#: Tokens of one block call, a memory bound: 16k tokens of an 8B model's MLP are about 0.5 GB.
+MAX_TOKENS = 16384
+#: Patchable stream -> the per-block site that carries it.
+KIND_SITES = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One heatmap: at each (layer l, token t) in turn, write values at ``kind``'s site. MLP and
+    attention sweeps write the layers of ROME's window centred on l; the residual sweep writes l."""
+
+    kind: str
+    window: int = 1
+
+    def layers(self, layer: int, n_layers: int) -> range:
+        if self.kind == "resid":
+            return range(layer, layer + 1)
+        return range(max(0, layer - self.window // 2), min(n_layers, layer - (-self.window // 2)))
+
+    def start(self, layer: int, n_layers: int) -> int:
+        """The first block a patch at ``layer`` changes: the residual patch replaces block l's
+        output, so the model resumes at block l + 1."""
+        return layer + 1 if self.kind == "resid" else self.layers(layer, n_layers).start
+
+    def site(self, layer: int) -> str:
+        return f"blocks.{layer}.{KIND_SITES[self.kind]}"
+
+
+@dataclass
+class Trace:
+    """A model's clean forward on prompts of one length: block inputs and kwargs (``stack``), the
+    MLP and attention outputs of every block, and p(target)."""
+
+    stack: StackTrace
+    outputs: dict[str, list[torch.Tensor]]
+    prob: torch.Tensor
+
+    def values(self, kind: str) -> list[torch.Tensor]:
+        """Per layer, the batch x tokens x d tensor at ``kind``'s site (residual: ``h_l``)."""
+        return self.stack.states[1:] if kind == "resid" else self.outputs[kind]
+
+    def ablation_values(self, kind: str) -> list[torch.Tensor] | None:
+        """What zero ablation writes: ``h_{l-1}`` for the residual (block l's update removed),
+        ``None`` (zeros) for MLP and attention outputs."""
+        return self.stack.states[:-1] if kind == "resid" else None
+
+
+@torch.inference_mode()
+def trace(adapter: Adapter, ids: torch.Tensor, targets: torch.Tensor) -> Trace:
+    """One clean forward of ``ids`` (prompts x tokens, equal lengths)."""
+    sites = {f"blocks.{layer}.{KIND_SITES[kind]}": (kind, layer) for kind in ("mlp", "attn") for layer in range(adapter.n_layers)}
+    with capture(adapter, list(sites)) as store:
+        stack = trace_stack(adapter, ids)
+    outputs = {kind: [store[f"blocks.{layer}.{KIND_SITES[kind]}"] for layer in range(adapter.n_layers)] for kind in ("mlp", "attn")}
+    prob, _ = target_scores(adapter.logits(stack.states[-1][:, -1]), targets)
+    return Trace(stack, outputs, prob)
+
+
+@torch.inference_mode()
+def sweep_probs(
+    adapter: Adapter,
+    own: Trace,
+    kwargs: list[dict],
+    targets: torch.Tensor,
+    sweep: Sweep,
+    values: Sequence[torch.Tensor] | None,
+    max_tokens: int = MAX_TOKENS,
+) -> torch.Tensor:
+    """p(target) (prompts x layers x tokens) after writing ``values[j][prompt, t]`` (zeros if
+    ``values`` is None) at each (layer, token). ``own`` is the patched model's clean trace;
+    ``kwargs`` are block kwargs of a one-row forward of the same length. ``max_tokens`` bounds
+    the tokens of one block call (memory)."""
+    batch, length = own.stack.states[0].shape[:2]
+    device = own.prob.device
+    out = torch.empty(batch, adapter.n_layers, length, device=device)
+    prompt_of = torch.arange(batch, device=device).repeat_interleave(length)
+    token_of = torch.arange(length, device=device).repeat(batch)
+    pairs = max(1, max_tokens // (adapter.n_layers * length))
+    for first in range(0, batch * length, pairs):
+        prompts, tokens = prompt_of[first : first + pairs], token_of[first : first + pairs]
+        out[prompts, :, tokens] = _all_layers(adapter, own, kwargs, sweep, values, prompts, tokens, targets[prompts]).to(device)
+    return out
+
+
+def _all_layers(
+    adapter: Adapter,
+    own: Trace,
+    kwargs: list[dict],
+    sweep: Sweep,
+    values: Sequence[torch.Tensor] | None,
+    prompts: torch.Tensor,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """p(target) (pairs x layers) for each (prompt, token) pair patched at every layer, in one
+    pass over the blocks: layer l's patches join the batch at their first block (taking the
+    model's cached input there), so late blocks run all of them together."""
+    n_pairs, n_layers = len(prompts), adapter.n_layers
+    pair_rows = torch.arange(n_pairs, device=prompts.device)
+    joined: list[int] = []
+    hidden: torch.Tensor | None = None
+    for block in range(n_layers + 1):
+        for layer in (layer for layer in range(n_layers) if sweep.start(layer, n_layers) == block):
+            state = own.stack.states[block][prompts]
+            if sweep.kind == "resid":
+                state = state.clone()
+                state[pair_rows, tokens] = values[layer][prompts, tokens].to(state.dtype)
+            hidden = state if hidden is None else torch.cat([hidden, state])
+            joined.append(layer)
+        if block == n_layers or hidden is None:
+            continue
+        edits = {}
+        groups = [g for g, layer in enumerate(joined) if block in sweep.layers(layer, n_layers)]
+        if sweep.kind != "resid" and groups:
+            rows = torch.cat([pair_rows + g * n_pairs for g in groups])
+            value = None if values is None else values[block][prompts, tokens].repeat(len(groups), 1)
+            edits = {sweep.site(block): _writer(rows, tokens.repeat(len(groups)), value)}
+        with replace(adapter, edits):
+            hidden = run_block(adapter.blocks[block], hidden, kwargs[block])
+    prob, _ = target_scores(adapter.logits(hidden[:, -1]), targets.to(hidden.device).repeat(len(joined)))
+    out = torch.empty(n_pairs, n_layers, device=prob.device)
+    out[:, joined] = prob.view(len(joined), n_pairs).T
+    return out
+
+
+def _writer(rows: torch.Tensor, tokens: torch.Tensor, value: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A site function writing ``value[i]`` (zeros if None) at ``[rows[i], tokens[i]]``."""
+
+    def write(old: torch.Tensor) -> torch.Tensor:
+        new = old.clone()
+        new[rows.to(old.device), tokens.to(old.device)] = 0 if value is None else value.to(old.device, old.dtype)
+        return new
+
+    return write
+
+
+@torch.inference_mode()
+def naive_sweep_probs(
+    adapter: Adapter,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    sweep: Sweep,
+    values: Sequence[torch.Tensor] | None,
+) -> torch.Tensor:
+    """The plain loop the engine is checked against (tests, ``benchmarks/patching.py``): one full
+    forward of one prompt per (layer, token), all logits computed, hooks doing the writes."""
+    batch, length = ids.shape
+    out = torch.empty(batch, adapter.n_layers, length)
+    one = torch.zeros(1, dtype=torch.long)
+    for prompt in range(batch):
+        for layer in range(adapter.n_layers):
+            for token in range(length):
+                at = torch.tensor([token])
+                edits = {
+                    sweep.site(j): _writer(one, at, None if values is None else values[j][prompt : prompt + 1, token])
+                    for j in sweep.layers(layer, adapter.n_layers)
+                }
+                with replace(adapter, edits):
+                    logits = adapter.model(input_ids=ids[prompt : prompt + 1]).logits[0, -1]
+                out[prompt, layer, token] = torch.softmax(logits.float(), -1)[targets[prompt]].item()
+    return out

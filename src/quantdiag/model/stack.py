@@ -1,0 +1,57 @@
+"""The decoder stack as a sequence of blocks: record what each block receives, and resume a
+forward from any block with given hidden states.
+
+GPTQ calibrates block by block on recorded block inputs; the patching engine resumes a model
+from layer l with patched states instead of recomputing the layers below l. Both need the
+keyword arguments (masks, rotary embeddings) the model passes to each block, recorded during one
+real forward, so no family's mask logic is reimplemented here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantdiag.model.arch import Adapter
+
+
+@dataclass
+class StackTrace:
+    """One forward through the blocks. ``states[l]`` is the input of block l and ``states[L]`` the
+    output of the last block (so ``h_l = states[l + 1]``); empty unless asked for except
+    ``states[0]``. ``kwargs[l]`` are block l's keyword arguments."""
+
+    states: list[torch.Tensor]
+    kwargs: list[dict]
+
+
+def trace_stack(adapter: Adapter, ids: torch.Tensor, all_states: bool = True) -> StackTrace:
+    """Run the model on ``ids`` (no padding) recording block inputs and keyword arguments."""
+    states: list[torch.Tensor] = []
+    kwargs: list[dict] = []
+
+    def grab(_module, args, block_kwargs):
+        if all_states or not states:
+            states.append(args[0] if args else block_kwargs["hidden_states"])
+        kwargs.append({k: v for k, v in block_kwargs.items() if k != "hidden_states"})
+
+    def grab_output(_module, _args, output):
+        if all_states:
+            states.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [block.register_forward_pre_hook(grab, with_kwargs=True) for block in adapter.blocks]
+    handles.append(adapter.blocks[-1].register_forward_hook(grab_output))
+    try:
+        adapter.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return StackTrace(states, kwargs)
+
+
+def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One block's output hidden states. ``kwargs`` may come from a one-row forward of the same
+    length: masks and rotary tables broadcast over rows."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
