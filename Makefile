@@ -8,9 +8,10 @@ DEMO_OUT ?= runs/demo
 # SmolLM2-135M knows few ParaRel facts outside languages and software: the demo uses the six
 # relations where its reference accuracy is at least 10% (elsewhere it mostly answers " the").
 DEMO_RELATIONS ?= P103,P37,P1412,P178,P407,P176
-# Causal tracing costs about 3.5 s per prompt and sweep on 2 CPU cores: the demo traces the 4- and
-# 2-bit settings (the contrast the report shows) on 4 prompts a subset.
-DEMO_CAUSAL ?= --causal-bits 4,2 --patch-prompts 4
+# Causal tracing costs about 3.5 s per prompt, stream and analysis on 2 CPU cores (SmolLM2): the
+# demo traces the residual stream of the 4- and 2-bit settings (the contrast the report shows) on 4
+# prompts a subset. Add --streams resid,mlp,attn for the MLP and attention views (about 3x longer).
+DEMO_CAUSAL ?= --causal-bits 4,2 --streams resid --patch-prompts 4
 
 .PHONY: install install-test demo test bench clean
 

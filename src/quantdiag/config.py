@@ -1,7 +1,8 @@
 """Run configuration: what to quantize, which facts, which device; presets fill the sizes.
 
 ``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2, no causal
-analyses); ``full`` is the default diagnosis, with cross-model patching and zero ablation. The calibration set defaults to 16 x 256 tokens, enough for small models on a
+analyses); ``full`` is the default diagnosis, with cross-model patching and zero ablation. The
+calibration set defaults to 16 x 256 tokens, enough for small models on a
 CPU; for a paper-scale run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 """
 

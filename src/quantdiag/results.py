@@ -76,6 +76,7 @@ def build_results(
         },
         "causal": {
             "analyses": list(config.analyses),
+            "streams": list(config.streams),
             "window": config.window,
             "prompts_per_subset": config.patch_prompts,
             "positions": list(GROUPS),
