@@ -124,11 +124,10 @@ def _all_layers(
     hidden: torch.Tensor | None = None
     for block in range(n_layers + 1):
         for layer in (layer for layer in range(n_layers) if sweep.start(layer, n_layers) == block):
-            state = own.stack.states[block][prompts]
+            state = own.stack.states[block][prompts.to(own.stack.states[block].device)]  # a copy
             if sweep.kind == "resid":
-                state = state.clone()
-                state[pair_rows, tokens] = values[layer][prompts, tokens].to(state.dtype)
-            hidden = state if hidden is None else torch.cat([hidden, state])
+                state[pair_rows.to(state.device), tokens.to(state.device)] = _at(values[layer], prompts, tokens).to(state)
+            hidden = state if hidden is None else torch.cat([hidden.to(state.device), state])
             joined.append(layer)
         if block == n_layers or hidden is None:
             continue
@@ -136,7 +135,7 @@ def _all_layers(
         groups = [g for g, layer in enumerate(joined) if block in sweep.layers(layer, n_layers)]
         if sweep.kind != "resid" and groups:
             rows = torch.cat([pair_rows + g * n_pairs for g in groups])
-            value = None if values is None else values[block][prompts, tokens].repeat(len(groups), 1)
+            value = None if values is None else _at(values[block], prompts, tokens).repeat(len(groups), 1)
             edits = {sweep.site(block): _writer(rows, tokens.repeat(len(groups)), value)}
         with replace(adapter, edits):
             hidden = run_block(adapter.blocks[block], hidden, kwargs[block])
@@ -144,6 +143,12 @@ def _all_layers(
     out = torch.empty(n_pairs, n_layers, device=prob.device)
     out[:, joined] = prob.view(len(joined), n_pairs).T
     return out
+
+
+def _at(tensor: torch.Tensor, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``tensor[prompts[i], tokens[i]]`` for each i, indexed on the tensor's own device (a model
+    split over devices keeps each block's states where the block is)."""
+    return tensor[prompts.to(tensor.device), tokens.to(tensor.device)]
 
 
 def _writer(rows: torch.Tensor, tokens: torch.Tensor, value: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
