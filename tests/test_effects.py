@@ -51,7 +51,8 @@ def test_hotspot_and_its_concentration():
     cells[2, GROUPS.index("last subject")] = 0.6
     cells[7, GROUPS.index("last")] = 1.0
     assert hotspot(cells).group == "last"
-    spot = hotspot(cells, exclude_last_late=True)
+    assert hotspot(cells, skip_last_from=0.0).group == "last subject"
+    spot = hotspot(cells, skip_last_from=0.75)
     assert (spot.layer, spot.group, spot.value, spot.concentration) == (2, "last subject", 0.6, 1.0)
     assert hotspot(np.full((2, len(GROUPS)), np.nan)) is None
     assert np.isclose(early_last_subject(cells), 0.6 / 4)

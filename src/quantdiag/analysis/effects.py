@@ -4,8 +4,8 @@ per-token view of one prompt.
 
 Restoration of a cell is computed from subset means, ``(mean p_patched - mean p_Q) /
 (mean p_R - mean p_Q)``: per-prompt ratios explode where ``p_R`` and ``p_Q`` are close. It is left
-undefined (NaN) where the means differ by less than ``MIN_GAP`` of ``mean p_R``: there is nothing
-to restore (typically the Robust subset of an 8-bit model).
+undefined (NaN) where the means differ by less than ``MIN_GAP`` of ``mean p_R``: there is little
+to restore and the ratio is noise (typically on the Robust subset).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from quantdiag.analysis.positions import GROUPS, group_means
 
 _TINY = 1e-9
-MIN_GAP = 0.05
+MIN_GAP = 0.2
 
 
 def grouped(grid: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -71,14 +71,14 @@ class Hotspot:
     concentration: float
 
 
-def hotspot(cells: np.ndarray, exclude_last_late: bool = False) -> Hotspot | None:
+def hotspot(cells: np.ndarray, skip_last_from: float = 1.0) -> Hotspot | None:
     """Argmax cell of a (layers x groups) heatmap. ``concentration`` is the share of the total
     positive effect held by the top 5% of cells: near 1 for a sharp hotspot, low when diffuse.
-    With ``exclude_last_late`` the last token in the last quarter of layers is skipped (patching
-    the residual there copies the reference's output, so it restores trivially)."""
+    The last token is skipped from the layer at fraction ``skip_last_from`` of the depth on:
+    residual patching there copies the reference's output (0.75), and every model needs its last
+    token's updates (0.0: ablation readings look away from it)."""
     values = np.array(cells, dtype=float)
-    if exclude_last_late:
-        values[3 * len(values) // 4 :, GROUPS.index("last")] = np.nan
+    values[int(skip_last_from * len(values)) :, GROUPS.index("last")] = np.nan
     if np.all(np.isnan(values)):
         return None
     layer, group = np.unravel_index(np.nanargmax(values), values.shape)

@@ -63,7 +63,7 @@ def heatmaps(results: dict, method: str, subset: str, analysis: str) -> tuple[Fi
             if row == len(kinds) - 1:
                 ax.set_xlabel("layer")
             readings.append(_reading(setting["label"], kind, analysis, cells))
-    fig.colorbar(image, ax=axes, label=label, shrink=0.8)
+    fig.colorbar(image, ax=axes, label=label.split(" (")[0], shrink=0.8)
     prompts = columns[-1]["causal"][key]["prompts"]
     fig.suptitle(f"{subset.capitalize()} subset ({prompts} prompts), {method.upper()}: {label}")
     return fig, readings
@@ -71,7 +71,8 @@ def heatmaps(results: dict, method: str, subset: str, analysis: str) -> tuple[Fi
 
 def _reading(label: str, kind: str, analysis: str, cells: np.ndarray) -> str:
     """Where the hotspot is and how strong, in one line."""
-    spot = hotspot(cells, exclude_last_late=analysis == "patching" and kind == "resid")
+    skip_last_from = 0.0 if analysis == "ablation" else 0.75 if kind == "resid" else 1.0
+    spot = hotspot(cells, skip_last_from)
     if spot is None:
         return f"{label}, {KIND_LABELS[kind]}: undefined (this model gives the answer nearly the reference's probability)."
     where = f"{spot.group} token, layer {spot.layer}"
@@ -82,7 +83,8 @@ def _reading(label: str, kind: str, analysis: str, cells: np.ndarray) -> str:
             f"last subject token in the first half of the layers: {early:.0%} on average."
         )
     return (
-        f"{label}, {KIND_LABELS[kind]}: largest drop at the {where} ({spot.value:.0%} of p(answer) lost); "
+        f"{label}, {KIND_LABELS[kind]}: away from the last token, the largest drop is at the {where} "
+        f"({spot.value:.0%} of p(answer) lost); "
         f"the top 5% of cells hold {spot.concentration:.0%} of the effect."
     )
 
