@@ -19,8 +19,8 @@ from quantdiag.model.arch import Adapter
 @dataclass
 class StackTrace:
     """One forward through the blocks. ``states[l]`` is the input of block l and ``states[L]`` the
-    output of the last block (so ``h_l = states[l + 1]``); empty unless asked for except
-    ``states[0]``. ``kwargs[l]`` are block l's keyword arguments."""
+    output of the last block (so ``h_l = states[l + 1]``); a trace without ``all_states`` keeps
+    ``states[0]`` only. ``kwargs[l]`` are block l's keyword arguments."""
 
     states: list[torch.Tensor]
     kwargs: list[dict]
