@@ -1,5 +1,5 @@
 """End to end on the built-in SmolLM2 with the quick preset: RTN and GPTQ at 4 and 2 bits, then
-``quantdiag patch`` on the finished run (residual patching, 4 prompts a subset).
+``quantdiag patch`` on the finished run (residual patching, 4 prompts a subset, then components).
 
 Uses the user's quantdiag cache (content-keyed, so sharing it is safe): the first run on a fresh
 machine converts the GGUF, generates calibration text and quantizes (a few minutes); reruns reuse it.
@@ -88,8 +88,9 @@ def test_a_rerun_resumes_from_finished_stages(quick_run):
 def patched_run(quick_run):
     _, report, _ = quick_run
     args = ["patch", str(report.parent), "--analyses", "patching", "--streams", "resid", "--patch-prompts", "4"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    for extra in (args, ["patch", str(report.parent), "--analyses", "components"]):
+        result = CliRunner().invoke(app, extra)
+        assert result.exit_code == 0, result.output
     return report, json.loads((report.parent / "results.json").read_text())
 
 
@@ -115,3 +116,17 @@ def test_patch_adds_the_causal_section(patched_run):
     arrays = np.load(report.parent / "arrays.npz")
     grid = arrays["gptq-w4-g128-sym/causal/gptq:failure/patching/resid"]
     assert grid.shape[:2] == (4, 30) and np.isfinite(grid[:, :, 0]).all()
+
+
+def test_2_bit_components_are_worse_than_4_bit(patched_run):
+    """METHODS 4: at most layers the 2-bit gates flip more signs and the MLP outputs point further
+    from the reference's than at 4-bit (Failure subset); patching stays in the results."""
+    report, results = patched_run
+    assert results["config"]["analyses"] == ["patching", "components"]
+    assert "Components, GPTQ, Failure subset" in report.read_text()
+    for method in ("RTN", "GPTQ"):
+        key = f"{method.lower()}:failure"
+        four, two = (_setting(results, f"{method} {bits}-bit")["components"][key] for bits in (4, 2))
+        assert "patching" in _setting(results, f"{method} 4-bit")["causal"][key]
+        assert np.mean(np.array(two["sign_flip"]) > np.array(four["sign_flip"])) > 0.5, method
+        assert np.mean(np.array(two["value_cosine"]) < np.array(four["value_cosine"])) > 0.5, method

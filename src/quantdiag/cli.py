@@ -13,11 +13,11 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from quantdiag.analysis.causal import ANALYSES, KINDS
-from quantdiag.config import PRESETS, RunConfig
+from quantdiag.analysis.causal import CAUSAL_ANALYSES, KINDS
+from quantdiag.config import ANALYSES, PRESETS, RunConfig
 from quantdiag.errors import QuantdiagError
 
-ANALYSES_HELP = f"causal analyses, comma-separated: {', '.join(ANALYSES)}, or none (default: from the preset)"
+ANALYSES_HELP = f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"
 PROMPTS_HELP = "prompts per subset for the causal analyses (default: from the preset)"
 BITS_HELP = "bit widths that get the causal analyses (default: all of --bits)"
 STREAMS_HELP = f"what patching and ablation write, comma-separated: {', '.join(KINDS)} (residual, MLP output, attention output)"
@@ -141,20 +141,21 @@ def run(
 @app.command()
 def patch(
     run_dir: Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")],
-    analyses: Annotated[str, typer.Option(help=ANALYSES_HELP)] = ",".join(ANALYSES),
+    analyses: Annotated[str, typer.Option(help=ANALYSES_HELP)] = ",".join(CAUSAL_ANALYSES),
     patch_prompts: Annotated[int | None, typer.Option(help=PROMPTS_HELP)] = None,
     causal_bits: Annotated[str | None, typer.Option(help=BITS_HELP)] = None,
     streams: Annotated[str | None, typer.Option(help=STREAMS_HELP)] = None,
     window: Annotated[int | None, typer.Option(help=WINDOW_HELP)] = None,
 ) -> None:
-    """Add cross-model patching and zero ablation to a finished run, reusing its results."""
+    """Add analyses (default: cross-model patching and zero ablation) to a finished run's own,
+    reusing its results."""
 
     def call():
         from quantdiag.pipeline import rerun
 
         return rerun(
             Path(run_dir),
-            analyses=_analyses(analyses),
+            analyses=_analyses(analyses) or (),
             patch_prompts=patch_prompts,
             causal_bits=_bits(causal_bits),
             streams=_names(streams),

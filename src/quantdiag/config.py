@@ -12,12 +12,14 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from quantdiag.analysis.causal import ANALYSES, KINDS
+from quantdiag.analysis.causal import CAUSAL_ANALYSES, KINDS
 from quantdiag.data.facts import Fact, load_pararel, load_user_facts
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import DEFAULT_MODEL
 from quantdiag.quant.spec import METHODS, QuantSpec
 
+#: Optional analyses beyond recall and the logit lens.
+ANALYSES = (*CAUSAL_ANALYSES, "components")
 PRESETS: dict[str, dict] = {
     "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": (), "patch_prompts": 4},
     "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3, "analyses": ANALYSES, "patch_prompts": 8},
@@ -100,7 +102,8 @@ class RunConfig:
     def causal_specs(self) -> list[QuantSpec]:
         """The settings that get the causal analyses (all of them unless ``causal_bits``)."""
         chosen = self.bits if self.causal_bits is None else self.causal_bits
-        return [spec for spec in self.specs() if spec.bits in chosen] if self.analyses else []
+        causal = any(a in CAUSAL_ANALYSES for a in self.analyses)
+        return [spec for spec in self.specs() if spec.bits in chosen] if causal else []
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from quantdiag.analysis.causal import CausalPlan, causal_arrays
+from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.forward import Scores, score_prompts
 from quantdiag.analysis.recall import subsets
 from quantdiag.config import RunConfig
@@ -80,22 +81,27 @@ def run(config: RunConfig) -> Path:
     ]
     groups = method_subsets(reference, evaluated, config.subset_bits)
     causal = causal_effects(run_dir, loaded, bank, prompts, config, groups)
+    components = component_effects(run_dir, loaded, bank, prompts, config, reference) if "components" in config.analyses else {}
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    results = build_results(config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, causal)
+    results = build_results(config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, causal, components)
     run_dir.write_json("results.json", results)
-    save_arrays(run_dir.path / "arrays.npz", _arrays(reference, evaluated, facts, causal))
+    arrays = _arrays(reference, evaluated, facts, causal) | {f"components/{k}": v for k, v in components.items()}
+    save_arrays(run_dir.path / "arrays.npz", arrays)
     write_report(run_dir, results)
     return run_dir.report
 
 
-def rerun(run_dir: Path, **changes) -> Path:
-    """Run again on an existing run directory with some options changed (``None``: keep):
-    finished stages are reused, so only the new analyses are computed. ``quantdiag patch``."""
+def rerun(run_dir: Path, analyses: tuple[str, ...] = (), **changes) -> Path:
+    """Run again on an existing run directory adding ``analyses`` to its own, with some options
+    changed (``None``: keep): finished stages are reused, so only new work is computed.
+    ``quantdiag patch``."""
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise QuantdiagError(f"{run_dir} is not a quantdiag run directory (no config.json)")
     config = RunConfig.from_json(json.loads(saved.read_text()))
-    return run(replace(config, out=str(run_dir), **{k: v for k, v in changes.items() if v is not None}))
+    changes = {k: v for k, v in changes.items() if v is not None}
+    merged = tuple(dict.fromkeys((*(config.analyses or ()), *analyses)))
+    return run(replace(config, out=str(run_dir), analyses=merged, **changes))
 
 
 def build_prompts(loaded: LoadedModel, facts: list[Fact], config: RunConfig) -> PromptSet:
@@ -175,6 +181,18 @@ def causal_effects(
         compute = partial(causal_arrays, loaded, bank, setting, subset_prompts, plan, config.batch_size)
         effects[setting] = run_dir.cached(f"causal-{setting}", key, compute) | {f"{n}/rows": np.array(r) for n, r in rows.items()}
     return effects
+
+
+def component_effects(
+    run_dir: RunDir, loaded: LoadedModel, bank: WeightBank, prompts: PromptSet, config: RunConfig, reference: Evaluated
+) -> dict[str, np.ndarray]:
+    """Component metrics (``components.component_arrays``) of every setting on the facts the
+    reference recalls (the Robust and Failure subsets are among them), plus ``rows``: which."""
+    rows = np.flatnonzero(reference.scores.correct)
+    settings = [spec.key for spec in config.specs()]
+    key = content_hash(loaded.fingerprint, [bank.path(s).name for s in settings], prompts.digest, rows.tolist())
+    compute = partial(component_arrays, loaded, bank, settings, [prompts.primary[i] for i in rows], config.batch_size)
+    return run_dir.cached("components", key, compute) | {"rows": rows}
 
 
 def _arrays(

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from quantdiag.analysis.causal import CAUSAL_ANALYSES
+from quantdiag.analysis.components import component_curves
 from quantdiag.analysis.effects import as_json, per_token_restoration, subset_summary
 from quantdiag.analysis.lens import lens_curves
 from quantdiag.analysis.positions import GROUPS
@@ -42,6 +44,7 @@ def build_results(
     calibration: Calibration | None,
     method_subsets: dict[str, dict[str, np.ndarray]],
     causal: dict[str, dict[str, np.ndarray]],
+    components: dict[str, np.ndarray],
 ) -> dict:
     """Assemble the summary; ``docs/results.md`` documents every field."""
     fact_of_robustness = prompts.fact_of_robustness
@@ -50,6 +53,13 @@ def build_results(
     for setting in settings:
         if setting["key"] in causal:
             setting["causal"] = _causal(causal[setting["key"]], prompts, loaded)
+        if components:
+            setting["components"] = {
+                f"{m}:{name}": component_curves(components, setting["key"], rows)
+                for m, named in method_subsets.items()
+                if setting["method"] in (None, m)
+                for name, rows in named.items()
+            }
     return {
         "schema_version": SCHEMA_VERSION,
         "model": {
@@ -75,7 +85,7 @@ def build_results(
             for method, groups in method_subsets.items()
         },
         "causal": {
-            "analyses": list(config.analyses),
+            "analyses": [a for a in config.analyses if a in CAUSAL_ANALYSES],
             "streams": list(config.streams),
             "window": config.window,
             "prompts_per_subset": config.patch_prompts,

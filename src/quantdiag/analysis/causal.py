@@ -23,7 +23,7 @@ from quantdiag.model.stack import trace_stack
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan
 
-ANALYSES = ("patching", "ablation")
+CAUSAL_ANALYSES = ("patching", "ablation")
 KINDS = tuple(KIND_SITES)
 
 
@@ -31,14 +31,14 @@ KINDS = tuple(KIND_SITES)
 class CausalPlan:
     """Which causal analyses to run, on which streams, with which MLP/attention window."""
 
-    analyses: tuple[str, ...] = ANALYSES
+    analyses: tuple[str, ...] = CAUSAL_ANALYSES
     kinds: tuple[str, ...] = KINDS
     window: int = 1
     max_tokens: int = MAX_TOKENS
 
     def sweeps(self, setting: str) -> list[tuple[str, Sweep]]:
         """(analysis, sweep) pairs; patching the reference into itself is skipped (a no-op)."""
-        wanted = [a for a in self.analyses if not (a == "patching" and setting == REFERENCE)]
+        wanted = [a for a in CAUSAL_ANALYSES if a in self.analyses and not (a == "patching" and setting == REFERENCE)]
         return [(analysis, Sweep(kind, self.window)) for analysis in wanted for kind in self.kinds]
 
 

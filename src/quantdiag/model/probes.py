@@ -90,3 +90,15 @@ def zero(adapter: Adapter, sites: list[str]) -> Iterator[None]:
     """Zero each site's tensor."""
     with hook_sites(adapter, {name: torch.zeros_like for name in sites}):
         yield
+
+
+@contextmanager
+def eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Eager attention inside the block (it alone returns attention probabilities), the model's
+    own implementation (fast kernels) again afterwards."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from quantdiag.report import plots
 from quantdiag.report.causal import causal_sections
+from quantdiag.report.components import component_sections
 from quantdiag.report.readings import cliff_reading, lens_reading, rank_reading, summary_rows
 from quantdiag.runs import RunDir
 from quantdiag.storage import atomic_file
@@ -32,6 +33,7 @@ def write_report(run_dir: RunDir, results: dict) -> Path:
             for m in methods
         ],
         *causal_sections(results),
+        *component_sections(results),
         ("relations", "Accuracy per relation", plots.relation_heatmap(results), ""),
     ]
     figures = [

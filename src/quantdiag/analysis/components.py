@@ -1,0 +1,141 @@
+"""Component diagnostics (METHODS 4): is attention still focused, does the FFN still retrieve the
+same memories? Per prompt and layer, at the last subject token ``s`` (and the last token for
+entropy), for the reference and each setting; only scalars per prompt and layer are kept.
+
+Attention probabilities need eager attention: this pass alone switches to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from quantdiag.analysis.forward import length_batches
+from quantdiag.data.facts import Prompt
+from quantdiag.model.load import LoadedModel
+from quantdiag.model.probes import capture, eager_attention
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+
+#: Metrics of every model, and metrics of a compared model against the reference.
+OWN_METRICS = ("entropy_subject", "entropy_last")
+PAIR_METRICS = ("focus_divergence", "sign_flip", "jaccard", "value_cosine")
+TOP_SHARE = 0.01
+
+
+def normalized_entropy(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Entropy of attention rows (..., positions) divided by ``log(visible)``, in [0, 1]; NaN
+    where a single position is visible (nothing to spread over)."""
+    entropy = -torch.special.xlogy(rows, rows).sum(-1)
+    scale = torch.log(visible.to(rows.dtype))
+    return torch.where(visible > 1, entropy / scale.clamp_min(1e-12), torch.full_like(entropy, float("nan")))
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence of distributions over the last axis, log base 2, in [0, 1]."""
+    m = (p + q) / 2
+    kl = lambda a: (torch.special.xlogy(a, a) - torch.special.xlogy(a, m)).sum(-1)  # noqa: E731
+    return ((kl(p) + kl(q)) / (2 * np.log(2))).clamp(0, 1)
+
+
+def sign_flip_rate(gate: torch.Tensor, reference_gate: torch.Tensor) -> torch.Tensor:
+    """Share of gate pre-activations whose sign differs from the reference's (last axis)."""
+    return (torch.sign(gate) != torch.sign(reference_gate)).float().mean(-1)
+
+
+def top_jaccard(values: torch.Tensor, reference_values: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
+    """Jaccard index of the top ``share`` of neurons by magnitude in both (last axis)."""
+    k = max(1, round(share * values.shape[-1]))
+
+    def top(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x, dtype=torch.bool).scatter(-1, x.abs().topk(k, dim=-1).indices, True)
+
+    common = (top(values) & top(reference_values)).sum(-1).float()
+    return common / (2 * k - common)
+
+
+def _activations(loaded: LoadedModel, ids: torch.Tensor, subject: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per layer (stacked on axis 1): attention rows (heads x positions) at ``s`` and at the last
+    token, gate pre-activations, SwiGLU intermediate and MLP output at ``s``."""
+    layers = range(loaded.adapter.n_layers)
+    names = ("attn_probs", "mlp.gate_pre", "mlp.act", "mlp_out")
+    rows = torch.arange(len(ids), device=ids.device)
+    with capture(loaded.adapter, [f"blocks.{l}.{n}" for l in layers for n in names]) as store:
+        loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    def stacked(name: str, at: torch.Tensor | int) -> torch.Tensor:
+        if name == "attn_probs":
+            return torch.stack([store[f"blocks.{l}.{name}"][rows, :, at].float() for l in layers], 1)
+        return torch.stack([store[f"blocks.{l}.{name}"][rows, at].float() for l in layers], 1)
+
+    return {
+        "attn_subject": stacked("attn_probs", subject),
+        "attn_last": stacked("attn_probs", -1),
+        "gate": stacked("mlp.gate_pre", subject),
+        "act": stacked("mlp.act", subject),
+        "mlp_out": stacked("mlp_out", subject),
+    }
+
+
+def _own(acts: dict[str, torch.Tensor], subject: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+    visible = (subject + 1)[:, None, None]
+    return {
+        "entropy_subject": normalized_entropy(acts["attn_subject"], visible).mean(-1),
+        "entropy_last": normalized_entropy(acts["attn_last"], torch.tensor(length)).mean(-1),
+    }
+
+
+def _pair(acts: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        "focus_divergence": js_divergence(acts["attn_subject"], ref["attn_subject"]).mean(-1),
+        "sign_flip": sign_flip_rate(acts["gate"], ref["gate"]),
+        "jaccard": top_jaccard(acts["act"], ref["act"]),
+        "value_cosine": F.cosine_similarity(acts["mlp_out"], ref["mlp_out"], dim=-1),
+    }
+
+
+@torch.inference_mode()
+def component_arrays(
+    loaded: LoadedModel, bank: WeightBank, settings: Sequence[str], prompts: Sequence[Prompt], batch_size: int
+) -> dict[str, np.ndarray]:
+    """``{setting}/{metric}`` (prompts x layers) for the reference and each of ``settings``:
+    entropies for every model, the comparisons with the reference for the settings. Batch by
+    batch, the reference and then each setting run, so no activation outlives its batch."""
+    n, layers = len(prompts), loaded.adapter.n_layers
+    out = {f"{REFERENCE}/{m}": np.full((n, layers), np.nan) for m in OWN_METRICS}
+    out |= {f"{s}/{m}": np.full((n, layers), np.nan) for s in settings for m in OWN_METRICS + PAIR_METRICS}
+    with eager_attention(loaded.model):
+        for batch in tqdm(length_batches(prompts, batch_size), desc="components", unit="batch", leave=False):
+            ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
+            subject = torch.tensor([prompts[i].last_subject for i in batch], device=loaded.device)
+            bank.apply(PrecisionPlan.uniform(REFERENCE))
+            reference = _activations(loaded, ids, subject)
+            for name, values in _own(reference, subject, ids.shape[1]).items():
+                out[f"{REFERENCE}/{name}"][batch] = values.cpu().numpy()
+            for setting in settings:
+                bank.apply(PrecisionPlan.uniform(setting))
+                acts = _activations(loaded, ids, subject)
+                for name, values in (_own(acts, subject, ids.shape[1]) | _pair(acts, reference)).items():
+                    out[f"{setting}/{name}"][batch] = values.cpu().numpy()
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    return out
+
+
+def component_curves(arrays: dict[str, np.ndarray], setting: str, rows: np.ndarray) -> dict[str, list] | None:
+    """Per metric of ``setting``, the mean per layer over the prompts ``rows`` (indices into the
+    run's facts; ``arrays["rows"]`` says which facts the arrays hold); ``None`` if empty."""
+    if len(rows) == 0:
+        return None
+    at = np.searchsorted(arrays["rows"], rows)
+    curves = {}
+    for key in (k for k in arrays if k.startswith(f"{setting}/")):
+        values = arrays[key][at]
+        counts = (~np.isnan(values)).sum(axis=0)
+        with np.errstate(invalid="ignore"):
+            mean = np.nansum(values, axis=0) / counts
+        curves[key.removeprefix(f"{setting}/")] = [None if np.isnan(v) else round(float(v), 6) for v in mean]
+    return curves
