@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantdiag.analysis.causal import CausalPlan, causal_arrays
+from quantdiag.analysis.causal import CAUSAL_ANALYSES, CausalPlan, causal_arrays
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.forward import Scores, score_prompts
 from quantdiag.analysis.recall import subsets
@@ -168,7 +168,7 @@ def causal_effects(
         for name, rows in named.items()
         if len(rows)
     }
-    plan = CausalPlan(config.analyses, config.streams, config.window)
+    plan = CausalPlan(tuple(a for a in config.analyses if a in CAUSAL_ANALYSES), config.streams, config.window)
     targets = [(REFERENCE, list(chosen))]
     targets += [(spec.key, [name for name in chosen if name.startswith(f"{spec.method}:")]) for spec in config.causal_specs()]
     effects = {}

@@ -38,7 +38,7 @@ class CausalPlan:
 
     def sweeps(self, setting: str) -> list[tuple[str, Sweep]]:
         """(analysis, sweep) pairs; patching the reference into itself is skipped (a no-op)."""
-        wanted = [a for a in CAUSAL_ANALYSES if a in self.analyses and not (a == "patching" and setting == REFERENCE)]
+        wanted = [a for a in self.analyses if not (a == "patching" and setting == REFERENCE)]
         return [(analysis, Sweep(kind, self.window)) for analysis in wanted for kind in self.kinds]
 
 
