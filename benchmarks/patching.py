@@ -64,7 +64,7 @@ def naive(loaded, bank: WeightBank, setting: str, prompts) -> np.ndarray:
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     for prompt in prompts:
         ids, target = torch.tensor([prompt.ids], device=loaded.device), torch.tensor([prompt.target], device=loaded.device)
-        pairs.append((ids, target, trace(loaded.adapter, ids, target).values("resid")))
+        pairs.append((ids, target, trace(loaded.adapter, ids, target, ("resid",)).values("resid")))
     bank.apply(PrecisionPlan.uniform(setting))
     for row, (ids, target, values) in enumerate(pairs):
         out[row, :, : ids.shape[1]] = naive_sweep_probs(loaded.adapter, ids, target, Sweep("resid"), values).numpy()[0]

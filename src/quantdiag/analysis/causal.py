@@ -63,7 +63,7 @@ def causal_arrays(
     batches = {name: _batches(loaded, prompts, batch_size) for name, prompts in subsets.items()}
     sweeps = plan.sweeps(setting)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    references = {name: [trace(loaded.adapter, b.ids, b.targets) for b in items] for name, items in batches.items()}
+    references = {name: [trace(loaded.adapter, b.ids, b.targets, plan.kinds) for b in items] for name, items in batches.items()}
     bank.apply(PrecisionPlan.uniform(setting))
     arrays: dict[str, np.ndarray] = {}
     progress = tqdm(total=sum(len(items) for items in batches.values()) * len(sweeps), desc=f"causal {setting}", unit="sweep", leave=False)
@@ -90,7 +90,7 @@ def _subset_arrays(
     out[f"{name}/groups"] = np.full((len(prompts), width), -1, dtype=np.int64)
     out[f"{name}/p_model"], out[f"{name}/p_reference"] = np.empty(len(prompts)), np.empty(len(prompts))
     for batch, reference in zip(batches, references):
-        own = reference if setting == REFERENCE else trace(loaded.adapter, batch.ids, batch.targets)
+        own = reference if setting == REFERENCE else trace(loaded.adapter, batch.ids, batch.targets, plan.kinds)
         kwargs = trace_stack(loaded.adapter, batch.ids[:1], all_states=False).kwargs
         length = batch.ids.shape[1]
         for analysis, sweep in sweeps:

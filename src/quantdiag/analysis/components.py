@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quantdiag.analysis.effects import as_json, mean_over_prompts
 from quantdiag.analysis.forward import length_batches
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
@@ -60,25 +61,26 @@ def top_jaccard(values: torch.Tensor, reference_values: torch.Tensor, share: flo
 
 def _activations(loaded: LoadedModel, ids: torch.Tensor, subject: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per layer (stacked on axis 1): attention rows (heads x positions) at ``s`` and at the last
-    token, gate pre-activations, SwiGLU intermediate and MLP output at ``s``."""
+    token, gate pre-activations, SwiGLU intermediate and MLP output at ``s``. Only those rows
+    are kept from each forward."""
     layers = range(loaded.adapter.n_layers)
-    names = ("attn_probs", "mlp.gate_pre", "mlp.act", "mlp_out")
     rows = torch.arange(len(ids), device=ids.device)
-    with capture(loaded.adapter, [f"blocks.{l}.{n}" for l in layers for n in names]) as store:
+    ffn = {"gate": "mlp.gate_pre", "act": "mlp.act", "mlp_out": "mlp_out"}
+
+    def attention_rows(probs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([probs[rows, :, subject], probs[:, :, -1]], 1)
+
+    with (
+        capture(loaded.adapter, [f"blocks.{l}.attn_probs" for l in layers], select=attention_rows) as attention,
+        capture(loaded.adapter, [f"blocks.{l}.{site}" for l in layers for site in ffn.values()], select=lambda t: t[rows, subject]) as at_subject,
+    ):
         loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    def stacked(name: str, at: torch.Tensor | int) -> torch.Tensor:
-        if name == "attn_probs":
-            return torch.stack([store[f"blocks.{l}.{name}"][rows, :, at].float() for l in layers], 1)
-        return torch.stack([store[f"blocks.{l}.{name}"][rows, at].float() for l in layers], 1)
+    def stacked(store: dict[str, torch.Tensor], site: str) -> torch.Tensor:
+        return torch.stack([store[f"blocks.{l}.{site}"].float() for l in layers], 1)
 
-    return {
-        "attn_subject": stacked("attn_probs", subject),
-        "attn_last": stacked("attn_probs", -1),
-        "gate": stacked("mlp.gate_pre", subject),
-        "act": stacked("mlp.act", subject),
-        "mlp_out": stacked("mlp_out", subject),
-    }
+    both = stacked(attention, "attn_probs")
+    return {"attn_subject": both[:, :, 0], "attn_last": both[:, :, 1], **{name: stacked(at_subject, site) for name, site in ffn.items()}}
 
 
 def _own(acts: dict[str, torch.Tensor], subject: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
@@ -131,11 +133,4 @@ def component_curves(arrays: dict[str, np.ndarray], setting: str, rows: np.ndarr
     if len(rows) == 0:
         return None
     at = np.searchsorted(arrays["rows"], rows)
-    curves = {}
-    for key in (k for k in arrays if k.startswith(f"{setting}/")):
-        values = arrays[key][at]
-        counts = (~np.isnan(values)).sum(axis=0)
-        with np.errstate(invalid="ignore"):
-            mean = np.nansum(values, axis=0) / counts
-        curves[key.removeprefix(f"{setting}/")] = [None if np.isnan(v) else round(float(v), 6) for v in mean]
-    return curves
+    return {key.removeprefix(f"{setting}/"): as_json(mean_over_prompts(arrays[key][at])) for key in arrays if key.startswith(f"{setting}/")}

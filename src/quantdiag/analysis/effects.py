@@ -26,7 +26,7 @@ def grouped(grid: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.stack([group_means(g[:, row >= 0], row[row >= 0]) for g, row in zip(grid, groups)])
 
 
-def _mean_over_prompts(cells: np.ndarray) -> np.ndarray:
+def mean_over_prompts(cells: np.ndarray) -> np.ndarray:
     """Mean over prompts (axis 0) ignoring NaN; NaN where no prompt has a value."""
     counts = (~np.isnan(cells)).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -40,11 +40,16 @@ def _masked_mean(values: np.ndarray, present: np.ndarray) -> np.ndarray:
         return (values[:, None] * present).sum(axis=0) / counts
 
 
+def _grouped_mean(grid: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean p(target) per (layer, group) over the prompts, and which prompts have each group
+    (prompts x groups)."""
+    cells = grouped(grid, groups)
+    return mean_over_prompts(cells), ~np.isnan(cells[:, 0, :])
+
+
 def restoration(grid: np.ndarray, groups: np.ndarray, p_model: np.ndarray, p_reference: np.ndarray) -> dict[str, np.ndarray]:
     """Patching heatmaps (layers x groups): mean p(target) after patching and restoration."""
-    cells = grouped(grid, groups)
-    present = ~np.isnan(cells[:, 0, :])
-    mean_prob = _mean_over_prompts(cells)
+    mean_prob, present = _grouped_mean(grid, groups)
     base, top = _masked_mean(p_model, present), _masked_mean(p_reference, present)
     gap = np.where(np.abs(top - base) >= MIN_GAP * np.abs(top) + _TINY, top - base, np.nan)
     return {"mean_prob": mean_prob, "restoration": (mean_prob - base) / gap}
@@ -53,9 +58,7 @@ def restoration(grid: np.ndarray, groups: np.ndarray, p_model: np.ndarray, p_ref
 def drop(grid: np.ndarray, groups: np.ndarray, p_model: np.ndarray) -> dict[str, np.ndarray]:
     """Ablation heatmaps (layers x groups): mean drop of p(target), and that drop as a share of
     the clean p(target) (comparable across models whose answers are less likely)."""
-    cells = grouped(grid, groups)
-    present = ~np.isnan(cells[:, 0, :])
-    mean_prob = _mean_over_prompts(cells)
+    mean_prob, present = _grouped_mean(grid, groups)
     base = _masked_mean(p_model, present)
     absolute = base - mean_prob
     return {"drop": absolute, "relative_drop": absolute / np.where(base > _TINY, base, np.nan)}

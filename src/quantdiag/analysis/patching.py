@@ -69,14 +69,15 @@ class Trace:
 
 
 @torch.inference_mode()
-def trace(adapter: Adapter, ids: torch.Tensor, targets: torch.Tensor) -> Trace:
-    """One clean forward of ``ids`` (prompts x tokens, equal lengths)."""
-    sites = {f"blocks.{layer}.{KIND_SITES[kind]}": (kind, layer) for kind in ("mlp", "attn") for layer in range(adapter.n_layers)}
-    with capture(adapter, list(sites)) as store:
+def trace(adapter: Adapter, ids: torch.Tensor, targets: torch.Tensor, kinds: Sequence[str] = tuple(KIND_SITES)) -> Trace:
+    """One clean forward of ``ids`` (prompts x tokens, equal lengths), keeping the MLP and
+    attention outputs only for those of ``kinds`` (the residual is always kept)."""
+    outputs = [Sweep(kind) for kind in kinds if kind != "resid"]
+    layers = range(adapter.n_layers)
+    with capture(adapter, [sweep.site(layer) for sweep in outputs for layer in layers]) as store:
         stack = trace_stack(adapter, ids)
-    outputs = {kind: [store[f"blocks.{layer}.{KIND_SITES[kind]}"] for layer in range(adapter.n_layers)] for kind in ("mlp", "attn")}
     prob, _ = target_scores(adapter.logits(stack.states[-1][:, -1]), targets)
-    return Trace(stack, outputs, prob)
+    return Trace(stack, {sweep.kind: [store[sweep.site(layer)] for layer in layers] for sweep in outputs}, prob)
 
 
 @torch.inference_mode()
@@ -131,9 +132,11 @@ def _all_layers(
             joined.append(layer)
         if block == n_layers or hidden is None:
             continue
+        # residual patches were written when they joined; MLP and attention patches are written
+        # at every block of their window, for the row groups whose window holds this block
+        groups = [] if sweep.kind == "resid" else [g for g, layer in enumerate(joined) if block in sweep.layers(layer, n_layers)]
         edits = {}
-        groups = [g for g, layer in enumerate(joined) if block in sweep.layers(layer, n_layers)]
-        if sweep.kind != "resid" and groups:
+        if groups:
             rows = torch.cat([pair_rows + g * n_pairs for g in groups])
             value = None if values is None else _at(values[block], prompts, tokens).repeat(len(groups), 1)
             edits = {sweep.site(block): _writer(rows, tokens.repeat(len(groups)), value)}

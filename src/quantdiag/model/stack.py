@@ -37,11 +37,11 @@ def trace_stack(adapter: Adapter, ids: torch.Tensor, all_states: bool = True) ->
         kwargs.append({k: v for k, v in block_kwargs.items() if k != "hidden_states"})
 
     def grab_output(_module, _args, output):
-        if all_states:
-            states.append(output[0] if isinstance(output, tuple) else output)
+        states.append(output[0] if isinstance(output, tuple) else output)
 
     handles = [block.register_forward_pre_hook(grab, with_kwargs=True) for block in adapter.blocks]
-    handles.append(adapter.blocks[-1].register_forward_hook(grab_output))
+    if all_states:
+        handles.append(adapter.blocks[-1].register_forward_hook(grab_output))
     try:
         adapter.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:

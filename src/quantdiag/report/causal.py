@@ -13,10 +13,10 @@ from quantdiag.analysis.effects import early_last_subject, from_json, hotspot
 from quantdiag.analysis.positions import GROUPS
 
 KIND_LABELS = {"resid": "residual", "mlp": "MLP output", "attn": "attention output"}
-#: analysis -> (metric in results.json, colour-bar label, colormap, value range)
+#: analysis -> (metric in results.json, colour-bar label, its definition, colormap, value range)
 METRICS = {
-    "patching": ("restoration", "restoration (p_patched - p_Q) / (p_R - p_Q)", "Purples", (0.0, 1.0)),
-    "ablation": ("relative_drop", "share of p(answer) lost", "RdBu_r", (-1.0, 1.0)),
+    "patching": ("restoration", "restoration", "(p_patched - p_Q) / (p_R - p_Q)", "Purples", (0.0, 1.0)),
+    "ablation": ("relative_drop", "share of p(answer) lost", "", "RdBu_r", (-1.0, 1.0)),
 }
 Section = tuple[str, str, Figure, list[str]]
 
@@ -49,7 +49,7 @@ def heatmaps(results: dict, method: str, subset: str, analysis: str) -> tuple[Fi
     columns = [s for s in _columns(results, key, analysis) if s["method"] in (None, method)]
     if not columns:
         return None
-    metric, label, cmap, (low, high) = METRICS[analysis]
+    metric, label, definition, cmap, (low, high) = METRICS[analysis]
     kinds = [kind for kind in KIND_LABELS if kind in columns[0]["causal"][key][analysis]]
     fig, axes = plt.subplots(len(kinds), len(columns), figsize=(1.2 + 3.0 * len(columns), 0.9 + 2.1 * len(kinds)), squeeze=False, sharex=True, sharey=True, layout="constrained")
     readings = []
@@ -63,9 +63,9 @@ def heatmaps(results: dict, method: str, subset: str, analysis: str) -> tuple[Fi
             if row == len(kinds) - 1:
                 ax.set_xlabel("layer")
             readings.append(_reading(setting["label"], kind, analysis, cells))
-    fig.colorbar(image, ax=axes, label=label.split(" (")[0], shrink=0.8)
+    fig.colorbar(image, ax=axes, label=label, shrink=0.8)
     prompts = columns[-1]["causal"][key]["prompts"]
-    fig.suptitle(f"{subset.capitalize()} subset ({prompts} prompts), {method.upper()}: {label}")
+    fig.suptitle(f"{subset.capitalize()} subset ({prompts} prompts), {method.upper()}: {label} {definition}".rstrip())
     return fig, readings
 
 
