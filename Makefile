@@ -40,6 +40,7 @@ test: install-test
 bench: install
 	$(BIN)/python benchmarks/recall_throughput.py
 	$(BIN)/python benchmarks/patching.py
+	$(BIN)/python benchmarks/components_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

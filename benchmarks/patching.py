@@ -11,14 +11,11 @@ peak memory of each path.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
-import psutil
 import torch
+from _memory import peak_memory
 
 from quantdiag.analysis.causal import CausalPlan, causal_arrays
 from quantdiag.analysis.patching import Sweep, naive_sweep_probs, trace
@@ -28,32 +25,6 @@ from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 
 RELATIONS = ["P103", "P37", "P1412", "P178"]
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[Callable[[], float]]:
-    """Peak memory above the starting level, in MiB: CUDA allocations on a GPU, else the
-    process's resident set sampled every 5 ms."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        yield lambda: (torch.cuda.max_memory_allocated() - base) / 2**20
-        return
-    process, peak, stop = psutil.Process(), [0], threading.Event()
-    base = process.memory_info().rss
-
-    def sample() -> None:
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], process.memory_info().rss - base)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield lambda: peak[0] / 2**20
-    finally:
-        stop.set()
-        sampler.join()
 
 
 def naive(loaded, bank: WeightBank, setting: str, prompts) -> np.ndarray:

@@ -1,5 +1,6 @@
 """End to end on the built-in SmolLM2 with the quick preset: RTN and GPTQ at 4 and 2 bits, then
-``quantdiag patch`` on the finished run (residual patching, 4 prompts a subset, then components).
+``quantdiag patch`` on the finished run (residual patching, 4 prompts a subset, then components
+and representations).
 
 Uses the user's quantdiag cache (content-keyed, so sharing it is safe): the first run on a fresh
 machine converts the GGUF, generates calibration text and quantizes (a few minutes); reruns reuse it.
@@ -88,7 +89,7 @@ def test_a_rerun_resumes_from_finished_stages(quick_run):
 def patched_run(quick_run):
     _, report, _ = quick_run
     args = ["patch", str(report.parent), "--analyses", "patching", "--streams", "resid", "--patch-prompts", "4"]
-    for extra in (args, ["patch", str(report.parent), "--analyses", "components"]):
+    for extra in (args, ["patch", str(report.parent), "--analyses", "components,representations"]):
         result = CliRunner().invoke(app, extra)
         assert result.exit_code == 0, result.output
     return report, json.loads((report.parent / "results.json").read_text())
@@ -122,7 +123,7 @@ def test_2_bit_components_are_worse_than_4_bit(patched_run):
     """METHODS 4: at most layers the 2-bit gates flip more signs and the MLP outputs point further
     from the reference's than at 4-bit (Failure subset); patching stays in the results."""
     report, results = patched_run
-    assert results["config"]["analyses"] == ["patching", "components"]
+    assert results["config"]["analyses"] == ["patching", "components", "representations"]
     assert "Components, GPTQ, Failure subset" in report.read_text()
     for method in ("RTN", "GPTQ"):
         key = f"{method.lower()}:failure"
@@ -130,3 +131,18 @@ def test_2_bit_components_are_worse_than_4_bit(patched_run):
         assert "patching" in _setting(results, f"{method} 4-bit")["causal"][key]
         assert np.mean(np.array(two["sign_flip"]) > np.array(four["sign_flip"])) > 0.5, method
         assert np.mean(np.array(two["value_cosine"]) < np.array(four["value_cosine"])) > 0.5, method
+
+
+def test_2_bit_representations_drift_further_than_4_bit(patched_run):
+    """METHODS 5: at most layers the 2-bit residual stream keeps less of the reference's CKA
+    diagonal and of its activation subspace than 4-bit (Failure subset, last subject token)."""
+    report, results = patched_run
+    assert "CKA at the last subject token, GPTQ, Failure subset" in report.read_text()
+    assert (report.parent / "figures" / "subspaces-rtn.svg").is_file()
+    for method in ("RTN", "GPTQ"):
+        key = f"{method.lower()}:failure"
+        four, two = (_setting(results, f"{method} {bits}-bit")["representations"][key] for bits in (4, 2))
+        diagonal = {name: np.diag(np.array(r["cka"]["resid"]["subject"], dtype=float)) for name, r in (("4", four), ("2", two))}
+        assert np.mean(diagonal["2"] < diagonal["4"]) > 0.5, method
+        activation = {name: np.array(r["subspaces"]["subject"]["activation"]) for name, r in (("4", four), ("2", two))}
+        assert np.mean(activation["2"] < activation["4"]) > 0.5, method

@@ -1,9 +1,9 @@
 """Run configuration: what to quantize, which facts, which device; presets fill the sizes.
 
-``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2, no causal
-analyses); ``full`` is the default diagnosis, with cross-model patching and zero ablation. The
-calibration set defaults to 16 x 256 tokens, enough for small models on a
-CPU; for a paper-scale run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
+``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2, recall and lens
+only); ``full`` is the default diagnosis, with cross-model patching, zero ablation, component and
+representation metrics. The calibration set defaults to 16 x 256 tokens, enough for small models
+on a CPU; for a paper-scale run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from quantdiag.model.load import DEFAULT_MODEL
 from quantdiag.quant.spec import METHODS, QuantSpec
 
 #: Optional analyses beyond recall and the logit lens.
-ANALYSES = (*CAUSAL_ANALYSES, "components")
+ANALYSES = (*CAUSAL_ANALYSES, "components", "representations")
 PRESETS: dict[str, dict] = {
     "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": (), "patch_prompts": 4},
     "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3, "analyses": ANALYSES, "patch_prompts": 8},

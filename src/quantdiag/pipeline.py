@@ -1,6 +1,7 @@
 """``quantdiag run`` as one library call: quantize every setting once, evaluate recall and the
 logit lens of the reference and each setting, trace causal effects (patching, ablation) on
-samples of the subsets, write results, arrays, figures and the report."""
+samples of the subsets, measure components and representations, write results, arrays, figures
+and the report."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from quantdiag.analysis.causal import CAUSAL_ANALYSES, CausalPlan, causal_arrays
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.forward import Scores, score_prompts
 from quantdiag.analysis.recall import subsets
+from quantdiag.analysis.representations import representation_arrays
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
 from quantdiag.errors import QuantdiagError
@@ -82,10 +84,13 @@ def run(config: RunConfig) -> Path:
     groups = method_subsets(reference, evaluated, config.subset_bits)
     causal = causal_effects(run_dir, loaded, bank, prompts, config, groups)
     components = component_effects(run_dir, loaded, bank, prompts, config, reference) if "components" in config.analyses else {}
+    representations = representation_effects(run_dir, loaded, bank, prompts, config, groups) if "representations" in config.analyses else {}
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    results = build_results(config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, causal, components)
+    results = build_results(
+        config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, causal, components, representations
+    )
     run_dir.write_json("results.json", results)
-    arrays = _arrays(reference, evaluated, facts, causal) | {f"components/{k}": v for k, v in components.items()}
+    arrays = _arrays(reference, evaluated, facts, causal, representations) | {f"components/{k}": v for k, v in components.items()}
     save_arrays(run_dir.path / "arrays.npz", arrays)
     write_report(run_dir, results)
     return run_dir.report
@@ -169,10 +174,8 @@ def causal_effects(
         if len(rows)
     }
     plan = CausalPlan(tuple(a for a in config.analyses if a in CAUSAL_ANALYSES), config.streams, config.window)
-    targets = [(REFERENCE, list(chosen))]
-    targets += [(spec.key, [name for name in chosen if name.startswith(f"{spec.method}:")]) for spec in config.causal_specs()]
     effects = {}
-    for setting, names in targets:
+    for setting, names in _targets(list(chosen), config.causal_specs()):
         if not names or not plan.sweeps(setting):
             continue
         rows = {name: chosen[name].tolist() for name in names}
@@ -195,15 +198,50 @@ def component_effects(
     return run_dir.cached("components", key, compute) | {"rows": rows}
 
 
+def representation_effects(
+    run_dir: RunDir,
+    loaded: LoadedModel,
+    bank: WeightBank,
+    prompts: PromptSet,
+    config: RunConfig,
+    groups: dict[str, dict[str, np.ndarray]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Setting -> representation arrays (``representations.representation_arrays``) on every
+    prompt of each non-empty subset of its method; the reference gets its own CKA on every
+    method's subsets. Each setting is a resumable stage."""
+    chosen = {f"{method}:{name}": rows for method, named in groups.items() for name, rows in named.items() if len(rows)}
+    effects = {}
+    for setting, names in _targets(list(chosen), config.specs()):
+        if not names:
+            continue
+        rows = {name: chosen[name].tolist() for name in names}
+        key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, rows)
+        subset_prompts = {name: [prompts.primary[i] for i in picked] for name, picked in rows.items()}
+        compute = partial(representation_arrays, loaded, bank, setting, subset_prompts, config.batch_size, run_dir.stages)
+        effects[setting] = run_dir.cached(f"representations-{setting}", key, compute)
+    return effects
+
+
+def _targets(subsets: list[str], specs: list[QuantSpec]) -> list[tuple[str, list[str]]]:
+    """(setting, subsets it is measured on): the reference on all, each setting on its method's."""
+    return [(REFERENCE, subsets)] + [(spec.key, [name for name in subsets if name.startswith(f"{spec.method}:")]) for spec in specs]
+
+
 def _arrays(
-    reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact], causal: dict[str, dict[str, np.ndarray]]
+    reference: Evaluated,
+    evaluated: list[Evaluated],
+    facts: list[Fact],
+    causal: dict[str, dict[str, np.ndarray]],
+    representations: dict[str, dict[str, np.ndarray]],
 ) -> dict[str, np.ndarray]:
     """Per-prompt arrays of every setting, ``{setting}/{field}``, the causal grids,
-    ``{setting}/causal/{subset}/...``, and each prompt's relation."""
+    ``{setting}/causal/{subset}/...``, the representation statistics,
+    ``{setting}/representations/{subset}/...``, and each prompt's relation."""
     arrays = {"relation": np.array([fact.relation for fact in facts])}
     for item in [reference, *evaluated]:
         arrays.update(item.scores.arrays(f"{item.setting}/"))
         arrays.update(item.robustness.arrays(f"{item.setting}/robustness/"))
-    for setting, grids in causal.items():
-        arrays.update({f"{setting}/causal/{key}": value for key, value in grids.items()})
+    for analysis, per_setting in (("causal", causal), ("representations", representations)):
+        for setting, values in per_setting.items():
+            arrays.update({f"{setting}/{analysis}/{key}": value for key, value in values.items()})
     return arrays

@@ -12,6 +12,8 @@ from quantdiag.analysis.effects import as_json, per_token_restoration, subset_su
 from quantdiag.analysis.lens import lens_curves
 from quantdiag.analysis.positions import GROUPS
 from quantdiag.analysis.recall import recall_summary
+from quantdiag.analysis.representations import POSITIONS, STREAMS, SUBSPACE_STREAM, representation_summary
+from quantdiag.analysis.similarity import ENERGY
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact
 from quantdiag.model.load import DEFAULT_MODEL, LoadedModel
@@ -45,6 +47,7 @@ def build_results(
     method_subsets: dict[str, dict[str, np.ndarray]],
     causal: dict[str, dict[str, np.ndarray]],
     components: dict[str, np.ndarray],
+    representations: dict[str, dict[str, np.ndarray]],
 ) -> dict:
     """Assemble the summary; ``docs/results.md`` documents every field."""
     fact_of_robustness = prompts.fact_of_robustness
@@ -60,6 +63,10 @@ def build_results(
                 if setting["method"] in (None, m)
                 for name, rows in named.items()
             }
+        if setting["key"] in representations:
+            arrays = representations[setting["key"]]
+            subsets = sorted({key.split("/")[0] for key in arrays})
+            setting["representations"] = {subset: representation_summary(arrays, subset) for subset in subsets}
     return {
         "schema_version": SCHEMA_VERSION,
         "model": {
@@ -92,6 +99,9 @@ def build_results(
             "positions": list(GROUPS),
         }
         if causal
+        else None,
+        "representations": {"streams": list(STREAMS), "positions": list(POSITIONS), "subspace_stream": SUBSPACE_STREAM, "energy": ENERGY}
+        if representations
         else None,
         "settings": settings,
         "notes": _notes(config, evaluated, bank),

@@ -5,12 +5,15 @@ one prompt."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
 from quantdiag.analysis.effects import early_last_subject, from_json, hotspot
 from quantdiag.analysis.positions import GROUPS
+from quantdiag.report.plots import Section
 
 KIND_LABELS = {"resid": "residual", "mlp": "MLP output", "attn": "attention output"}
 #: analysis -> (metric in results.json, colour-bar label, its definition, colormap, value range)
@@ -18,23 +21,21 @@ METRICS = {
     "patching": ("restoration", "restoration", "(p_patched - p_Q) / (p_R - p_Q)", "Purples", (0.0, 1.0)),
     "ablation": ("relative_drop", "share of p(answer) lost", "", "RdBu_r", (-1.0, 1.0)),
 }
-Section = tuple[str, str, Figure, list[str]]
 
 
-def causal_sections(results: dict) -> list[Section]:
-    """(id, title, figure, readings) of every causal figure the results have data for."""
-    sections: list[Section] = []
+def causal_sections(results: dict) -> Iterator[Section]:
+    """(id, title, figure, readings) of every causal figure the results have data for, drawn one
+    at a time as they are asked for."""
     for method in results["subsets"]:
         for subset in ("failure", "robust"):
             for analysis in METRICS:
                 drawn = heatmaps(results, method, subset, analysis)
                 if drawn:
                     title = f"{'Cross-model patching' if analysis == 'patching' else 'Zero ablation'}, {method.upper()}, {subset.capitalize()} subset"
-                    sections.append((f"causal-{analysis}-{method}-{subset}", title, *drawn))
+                    yield (f"causal-{analysis}-{method}-{subset}", title, *drawn)
         drawn = token_view(results, method)
         if drawn:
-            sections.append((f"causal-tokens-{method}", f"Patching one prompt token by token, {method.upper()}", *drawn))
-    return sections
+            yield (f"causal-tokens-{method}", f"Patching one prompt token by token, {method.upper()}", *drawn)
 
 
 def _columns(results: dict, key: str, analysis: str) -> list[dict]:

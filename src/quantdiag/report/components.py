@@ -3,11 +3,13 @@ the Failure subset, reference and every setting together, with a one-line readin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from quantdiag.report.plots import BITS_COLORS, REFERENCE_COLOR
+from quantdiag.report.plots import BITS_COLORS, REFERENCE_COLOR, Section
 
 PANELS = {
     "entropy_subject": "attention entropy at the last subject token",
@@ -19,15 +21,13 @@ PANELS = {
 }
 
 
-def component_sections(results: dict) -> list[tuple[str, str, Figure, str]]:
+def component_sections(results: dict) -> Iterator[Section]:
     """(id, title, figure, reading) per method whose settings have component curves."""
-    sections = []
     for method in results["subsets"]:
         key = f"{method}:failure"
         rows = [s for s in results["settings"] if s["method"] in (None, method) and (s.get("components") or {}).get(key)]
         if len(rows) > 1:
-            sections.append((f"components-{method}", f"Components, {method.upper()}, Failure subset", _figure(rows, key), _reading(rows, key)))
-    return sections
+            yield (f"components-{method}", f"Components, {method.upper()}, Failure subset", _figure(rows, key), _reading(rows, key))
 
 
 def _figure(settings: list[dict], key: str) -> Figure:

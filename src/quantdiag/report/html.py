@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -15,7 +16,9 @@ from matplotlib.figure import Figure
 from quantdiag.report import plots
 from quantdiag.report.causal import causal_sections
 from quantdiag.report.components import component_sections
+from quantdiag.report.plots import Section
 from quantdiag.report.readings import cliff_reading, lens_reading, rank_reading, summary_rows
+from quantdiag.report.representations import representation_sections
 from quantdiag.runs import RunDir
 from quantdiag.storage import atomic_file
 
@@ -24,26 +27,27 @@ _ENV = Environment(loader=PackageLoader("quantdiag", "report/templates"), autoes
 
 def write_report(run_dir: RunDir, results: dict) -> Path:
     """Draw every figure, save it, and render the report atomically."""
-    methods = list(results["subsets"])
-    sections = [
-        ("cliff", "Performance cliff", plots.performance_cliff(results), cliff_reading(results)),
-        ("ranks", "Where the answer went", plots.rank_histograms(results), rank_reading(results)),
-        *[
-            (f"lens-{m}", f"Logit lens, {m.upper()}", plots.lens_curves(results, m), lens_reading(results, m))
-            for m in methods
-        ],
-        *causal_sections(results),
-        *component_sections(results),
-        ("relations", "Accuracy per relation", plots.relation_heatmap(results), ""),
-    ]
     figures = [
         {"id": name, "title": title, "png": _save(figure, run_dir.figures / name), "reading": reading}
-        for name, title, figure, reading in sections
+        for name, title, figure, reading in _sections(results)
     ]
     html = _ENV.get_template("report.html.j2").render(results=results, summary=summary_rows(results), figures=figures)
     with atomic_file(run_dir.report) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return run_dir.report
+
+
+def _sections(results: dict) -> Iterator[Section]:
+    """The report's sections in order, each figure drawn only when its turn comes (and closed
+    once saved), so only one is open at a time."""
+    yield ("cliff", "Performance cliff", plots.performance_cliff(results), cliff_reading(results))
+    yield ("ranks", "Where the answer went", plots.rank_histograms(results), rank_reading(results))
+    for method in results["subsets"]:
+        yield (f"lens-{method}", f"Logit lens, {method.upper()}", plots.lens_curves(results, method), lens_reading(results, method))
+    yield from causal_sections(results)
+    yield from component_sections(results)
+    yield from representation_sections(results)
+    yield ("relations", "Accuracy per relation", plots.relation_heatmap(results), "")
 
 
 def _save(figure: Figure, stem: Path) -> str:

@@ -15,6 +15,8 @@ from quantdiag.analysis.recall import RANK_BUCKETS  # noqa: E402
 REFERENCE_COLOR = "#222222"
 BITS_COLORS = {8: "#2b8cbe", 6: "#41b6c4", 5: "#7fcdbb", 4: "#fdae61", 3: "#f46d43", 2: "#d73027", 7: "#3690c0"}
 METHOD_MARKERS = {"rtn": "s", "gptq": "o"}
+#: A report section: id, title, figure, and its reading (one line, or one per panel).
+Section = tuple[str, str, Figure, str | list[str]]
 
 
 def _reference(results: dict) -> dict:

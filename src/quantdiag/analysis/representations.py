@@ -1,0 +1,117 @@
+"""Representation diagnostics (METHODS 5): is the compared model's representation space still
+the reference's? Layer x layer linear CKA of the residual stream, attention and MLP outputs at
+the last subject token and the last token; activation- and error-subspace similarity of the
+residual stream per layer.
+
+Each model's rows are spilled to disk as they are captured and the statistics are computed from
+there block by block (``similarity``), so memory does not grow with the number of prompts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from quantdiag.analysis.effects import as_json
+from quantdiag.analysis.forward import length_batches
+from quantdiag.analysis.patching import KIND_SITES
+from quantdiag.analysis.similarity import cka_matrix, subspace_stats
+from quantdiag.analysis.spill import LayerRows
+from quantdiag.data.facts import Prompt
+from quantdiag.model.load import LoadedModel
+from quantdiag.model.probes import capture
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+
+STREAMS = tuple(KIND_SITES)
+POSITIONS = ("subject", "last")
+#: The stream whose subspaces are measured (METHODS 5: the activation matrix of the layer).
+SUBSPACE_STREAM = "resid"
+SUBSPACE_METRICS = ("activation", "error", "k")
+
+
+@torch.inference_mode()
+def representation_arrays(
+    loaded: LoadedModel,
+    bank: WeightBank,
+    setting: str,
+    subset_prompts: Mapping[str, Sequence[Prompt]],
+    batch_size: int,
+    workdir: Path | None = None,
+) -> dict[str, np.ndarray]:
+    """Per subset, ``{subset}/{stream}/{position}/cka`` (layers x layers, reference layer i vs
+    ``setting``'s layer j) and ``{subset}/resid/{position}/{activation,error,k}`` (per layer).
+    For the reference itself only its own CKA matrix. Spills go to a temporary folder in
+    ``workdir`` and are removed."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="spill-", dir=workdir) as folder:
+        for index, (subset, prompts) in enumerate(subset_prompts.items()):
+            here = Path(folder) / str(index)
+            reference = _spill(loaded, bank, REFERENCE, prompts, batch_size, here / "reference")
+            compared = reference if setting == REFERENCE else _spill(loaded, bank, setting, prompts, batch_size, here / "compared")
+            out |= {f"{subset}/{key}": value for key, value in _compare(reference, compared, loaded.device).items()}
+            shutil.rmtree(here)
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    return out
+
+
+def _spill(
+    loaded: LoadedModel, bank: WeightBank, setting: str, prompts: Sequence[Prompt], batch_size: int, folder: Path
+) -> dict[tuple[str, str], LayerRows]:
+    """Every stream's rows at both positions for ``setting``, in prompt order, on disk."""
+    adapter = loaded.adapter
+    width = loaded.model.config.hidden_size
+    spilled = {(s, p): LayerRows(folder / f"{s}-{p}", adapter.n_layers, width) for s in STREAMS for p in POSITIONS}
+    sites = {stream: [f"blocks.{l}.{site}" for l in range(adapter.n_layers)] for stream, site in KIND_SITES.items()}
+    bank.apply(PrecisionPlan.uniform(setting))
+    # Rows go to disk in batch order; it is the same for every model, so rows stay aligned.
+    for batch in tqdm(length_batches(prompts, batch_size), desc=f"representations {setting}", unit="batch", leave=False):
+        ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
+        subject = torch.tensor([prompts[i].last_subject for i in batch], device=loaded.device)
+        rows = torch.arange(len(batch), device=loaded.device)
+        with capture(adapter, sum(sites.values(), []), select=lambda t: torch.stack([t[rows, subject], t[:, -1]], 1)) as store:
+            loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        for stream, names in sites.items():
+            both = torch.stack([store[name].float().cpu() for name in names], 2).numpy()  # batch, 2, layers, d
+            for index, position in enumerate(POSITIONS):
+                spilled[(stream, position)].append(both[:, index])
+    return spilled
+
+
+def _compare(
+    reference: dict[tuple[str, str], LayerRows], compared: dict[tuple[str, str], LayerRows], device: torch.device
+) -> dict[str, np.ndarray]:
+    """CKA matrices of every stream and position; subspace curves of the residual stream unless
+    the reference is compared with itself."""
+    out = {f"{s}/{p}/cka": cka_matrix(reference[(s, p)], compared[(s, p)], device) for s, p in reference}
+    if compared is reference:
+        return out
+    for position in POSITIONS:
+        x, y = reference[(SUBSPACE_STREAM, position)], compared[(SUBSPACE_STREAM, position)]
+        per_layer = np.array([subspace_stats(x, y, layer, device) for layer in range(x.layers)])
+        for index, metric in enumerate(SUBSPACE_METRICS):
+            out[f"{SUBSPACE_STREAM}/{position}/{metric}"] = per_layer[:, index]
+    return out
+
+
+def representation_summary(arrays: Mapping[str, np.ndarray], subset: str) -> dict:
+    """The results.json view of one subset: CKA matrices per stream and position, and the
+    residual stream's subspace curves per position (``None`` for the reference)."""
+    cka = {stream: {p: as_json(arrays[f"{subset}/{stream}/{p}/cka"]) for p in POSITIONS} for stream in STREAMS}
+    if f"{subset}/{SUBSPACE_STREAM}/{POSITIONS[0]}/k" not in arrays:
+        return {"cka": cka, "subspaces": None}
+    subspaces = {
+        p: {
+            "activation": as_json(arrays[f"{subset}/{SUBSPACE_STREAM}/{p}/activation"]),
+            "error": as_json(arrays[f"{subset}/{SUBSPACE_STREAM}/{p}/error"]),
+            "k": arrays[f"{subset}/{SUBSPACE_STREAM}/{p}/k"].astype(int).tolist(),
+        }
+        for p in POSITIONS
+    }
+    return {"cka": cka, "subspaces": subspaces}
