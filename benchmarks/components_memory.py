@@ -24,7 +24,7 @@ from quantdiag.analysis.representations import POSITIONS, STREAMS, representatio
 from quantdiag.data.facts import load_pararel, pararel_relations, tokenize
 from quantdiag.model.load import load_reference
 from quantdiag.quant.bank import WeightBank
-from quantdiag.quant.spec import QuantSpec
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 
 SIZES = (200, 2000)
 BATCH = 64
@@ -37,6 +37,8 @@ def measure(count: int) -> dict:
     bank = WeightBank(loaded)
     for spec in specs:
         bank.ensure(spec)
+        bank.apply(PrecisionPlan.uniform(spec.key))  # the bank's weights are resident before the base level
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
     relations = pararel_relations()
     facts = load_pararel(relations, 2 * -(-count // len(relations)), seed=0)[:count]
     prompts = [tokenize(loaded.tokenizer, fact, index) for index, fact in enumerate(facts)]
