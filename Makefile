@@ -12,6 +12,9 @@ DEMO_RELATIONS ?= P103,P37,P1412,P178,P407,P176
 # demo traces the residual stream of the 4- and 2-bit settings (the contrast the report shows) on 4
 # prompts a subset. Add --streams resid,mlp,attn for the MLP and attention views (about 3x longer).
 DEMO_CAUSAL ?= --causal-bits 4,2 --streams resid --patch-prompts 4
+# The domino and single-block sweeps cost about 1.5 min per setting here: the demo maps the 4- and
+# 2-bit settings (the paper's Fig. 10 and Table 2); repairs run for every setting.
+DEMO_SENSITIVITY ?= --sensitivity-bits 4,2
 
 .PHONY: install install-test demo test bench clean
 
@@ -32,7 +35,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/quantdiag run --model smollm2 --relations $(DEMO_RELATIONS) --facts 40 $(DEMO_CAUSAL) --out $(DEMO_OUT)
+	$(BIN)/quantdiag run --model smollm2 --relations $(DEMO_RELATIONS) --facts 40 $(DEMO_CAUSAL) $(DEMO_SENSITIVITY) --out $(DEMO_OUT)
 
 test: install-test
 	$(BIN)/python -m pytest -q
@@ -41,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/recall_throughput.py
 	$(BIN)/python benchmarks/patching.py
 	$(BIN)/python benchmarks/components_memory.py
+	$(BIN)/python benchmarks/plans.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -13,14 +13,23 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from quantdiag.analysis.amplify import DEFAULT_ALPHAS
 from quantdiag.analysis.causal import CAUSAL_ANALYSES, KINDS
+from quantdiag.analysis.repairs import KURTOSIS_BUDGET
 from quantdiag.config import ANALYSES, PRESETS, RunConfig
 from quantdiag.errors import QuantdiagError
+from quantdiag.quant.eora import DEFAULT_RANK
 
 ANALYSES_HELP = f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"
 PROMPTS_HELP = "prompts per subset for the causal analyses (default: from the preset)"
 BITS_HELP = "bit widths that get the causal analyses (default: all of --bits)"
 STREAMS_HELP = f"what patching and ablation write, comma-separated: {', '.join(KINDS)} (residual, MLP output, attention output)"
+REPAIR_BITS_HELP = "bit widths that get the repair table (default: all of --bits)"
+PROTECT_HELP = "blocks kept at 8-bit by early protection (default: from the domino test, else layers // 16)"
+BUDGET_HELP = "average bits allowed by kurtosis protection"
+ALPHAS_HELP = "amplification strengths to choose from on the dev split, comma-separated"
+RANK_HELP = "rank of the EoRA compensation"
+SENSITIVITY_BITS_HELP = "bit widths that get the sensitivity maps (default: all of --bits)"
 WINDOW_HELP = "layers patched together for MLP and attention outputs (ROME's window)"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diagnose why a quantized LLM fails.")
@@ -32,11 +41,12 @@ def main() -> None:
     """quantdiag: Signal Degradation or Computation Collapse?"""
 
 
-def _ints(text: str, what: str) -> tuple[int, ...]:
+def _numbers(text: str, what: str, kind: Callable[[str], T]) -> tuple[T, ...]:
+    """Comma-separated ``kind`` values (int or float)."""
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(kind(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise QuantdiagError(f"{what} must be comma-separated integers, not '{text}'") from None
+        raise QuantdiagError(f"{what} must be comma-separated {'integers' if kind is int else 'numbers'}, not '{text}'") from None
 
 
 def _count(text: str, what: str) -> int:
@@ -71,8 +81,8 @@ def _show_report(call: Callable[[], Path]) -> None:
     print(f"report: {_guard(call).resolve()}")
 
 
-def _bits(text: str | None) -> tuple[int, ...] | None:
-    return None if text is None else _ints(text, "--causal-bits")
+def _bits(text: str | None, option: str) -> tuple[int, ...] | None:
+    return None if text is None else _numbers(text, option, int)
 
 
 @app.command()
@@ -98,10 +108,17 @@ def run(
     analyses: Annotated[str | None, typer.Option(help=ANALYSES_HELP)] = None,
     patch_prompts: Annotated[int | None, typer.Option(help=PROMPTS_HELP)] = None,
     causal_bits: Annotated[str | None, typer.Option(help=BITS_HELP)] = None,
+    sensitivity_bits: Annotated[str | None, typer.Option(help=SENSITIVITY_BITS_HELP)] = None,
+    repair_bits: Annotated[str | None, typer.Option(help=REPAIR_BITS_HELP)] = None,
+    protect_blocks: Annotated[int | None, typer.Option(help=PROTECT_HELP)] = None,
+    budget: Annotated[float, typer.Option(help=BUDGET_HELP)] = KURTOSIS_BUDGET,
+    alphas: Annotated[str, typer.Option(help=ALPHAS_HELP)] = ",".join(map(str, DEFAULT_ALPHAS)),
+    rank: Annotated[int, typer.Option(help=RANK_HELP)] = DEFAULT_RANK,
     streams: Annotated[str, typer.Option(help=STREAMS_HELP)] = ",".join(KINDS),
     window: Annotated[int, typer.Option(help=WINDOW_HELP)] = 1,
 ) -> None:
-    """Quantize a model, measure its factual recall, logit lens and causal effects, and write a report."""
+    """Quantize a model, measure its factual recall, logit lens, causal effects, components,
+    representations and sensitivity, try the repairs, and write a report."""
 
     def call():
         from quantdiag.pipeline import run as run_pipeline
@@ -111,7 +128,7 @@ def run(
             out=out,
             model=model,
             methods=_names(methods) or (),
-            bits=_ints(bits, "--bits"),
+            bits=_numbers(bits, "--bits", int),
             group_size=group_size,
             sym=not asym,
             preset=preset,
@@ -129,7 +146,13 @@ def run(
             trust_remote_code=trust_remote_code,
             analyses=_analyses(analyses),
             patch_prompts=patch_prompts,
-            causal_bits=_bits(causal_bits),
+            causal_bits=_bits(causal_bits, "--causal-bits"),
+            sensitivity_bits=_bits(sensitivity_bits, "--sensitivity-bits"),
+            repair_bits=_bits(repair_bits, "--repair-bits"),
+            protect_blocks=protect_blocks,
+            kurtosis_budget=budget,
+            alphas=_numbers(alphas, "--alphas", float),
+            eora_rank=rank,
             streams=_names(streams) or (),
             window=window,
         )
@@ -157,9 +180,53 @@ def patch(
             Path(run_dir),
             analyses=_analyses(analyses) or (),
             patch_prompts=patch_prompts,
-            causal_bits=_bits(causal_bits),
+            causal_bits=_bits(causal_bits, "--causal-bits"),
             streams=_names(streams),
             window=window,
+        )
+
+    _show_report(call)
+
+
+@app.command()
+def sensitivity(
+    run_dir: Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")],
+    sensitivity_bits: Annotated[str | None, typer.Option(help=SENSITIVITY_BITS_HELP)] = None,
+) -> None:
+    """Add the sensitivity maps (domino, single blocks, components, signal injection) to a
+    finished run, reusing its results."""
+
+    def call():
+        from quantdiag.pipeline import rerun
+
+        return rerun(Path(run_dir), analyses=("sensitivity",), sensitivity_bits=_bits(sensitivity_bits, "--sensitivity-bits"))
+
+    _show_report(call)
+
+
+@app.command()
+def repair(
+    run_dir: Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")],
+    repair_bits: Annotated[str | None, typer.Option(help=REPAIR_BITS_HELP)] = None,
+    protect_blocks: Annotated[int | None, typer.Option(help=PROTECT_HELP)] = None,
+    budget: Annotated[float | None, typer.Option(help=BUDGET_HELP)] = None,
+    alphas: Annotated[str | None, typer.Option(help=ALPHAS_HELP)] = None,
+    rank: Annotated[int | None, typer.Option(help=RANK_HELP)] = None,
+) -> None:
+    """Add the repair table (early and kurtosis protection, peak-signal amplification, EoRA) to
+    a finished run, reusing its results."""
+
+    def call():
+        from quantdiag.pipeline import rerun
+
+        return rerun(
+            Path(run_dir),
+            analyses=("repairs",),
+            repair_bits=_bits(repair_bits, "--repair-bits"),
+            protect_blocks=protect_blocks,
+            kurtosis_budget=budget,
+            alphas=None if alphas is None else _numbers(alphas, "--alphas", float),
+            eora_rank=rank,
         )
 
     _show_report(call)

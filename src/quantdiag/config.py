@@ -12,14 +12,17 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from quantdiag.analysis.amplify import DEFAULT_ALPHAS
 from quantdiag.analysis.causal import CAUSAL_ANALYSES, KINDS
+from quantdiag.analysis.repairs import KURTOSIS_BUDGET, RepairOptions
 from quantdiag.data.facts import Fact, load_pararel, load_user_facts
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import DEFAULT_MODEL
+from quantdiag.quant.eora import DEFAULT_RANK
 from quantdiag.quant.spec import METHODS, QuantSpec
 
 #: Optional analyses beyond recall and the logit lens.
-ANALYSES = (*CAUSAL_ANALYSES, "components", "representations")
+ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs")
 PRESETS: dict[str, dict] = {
     "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": (), "patch_prompts": 4},
     "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3, "analyses": ANALYSES, "patch_prompts": 8},
@@ -49,6 +52,12 @@ class RunConfig:
     analyses: tuple[str, ...] | None = None
     patch_prompts: int | None = None
     causal_bits: tuple[int, ...] | None = None
+    sensitivity_bits: tuple[int, ...] | None = None
+    repair_bits: tuple[int, ...] | None = None
+    protect_blocks: int | None = None
+    kurtosis_budget: float = KURTOSIS_BUDGET
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    eora_rank: int = DEFAULT_RANK
     streams: tuple[str, ...] = KINDS
     window: int = 1
     batch_size: int = 64
@@ -65,7 +74,7 @@ class RunConfig:
         filled = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
         config = replace(self, **filled)
         config.specs()
-        for name in ("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size", "patch_prompts", "window"):
+        for name in ("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size", "patch_prompts", "window", "protect_blocks", "eora_rank"):
             if getattr(config, name) is not None and getattr(config, name) <= 0:
                 raise QuantdiagError(f"{name.replace('_', '-')} must be positive")
         if config.subset_bits not in config.bits:
@@ -76,9 +85,12 @@ class RunConfig:
         unknown = [k for k in config.streams if k not in KINDS]
         if unknown or not config.streams:
             raise QuantdiagError(f"unknown stream {', '.join(unknown) or '(none)'} (choose from {', '.join(KINDS)})")
-        missing = sorted(set(config.causal_bits or ()) - set(config.bits))
-        if missing:
-            raise QuantdiagError(f"--causal-bits {', '.join(map(str, missing))} not among --bits")
+        for option in ("causal_bits", "sensitivity_bits", "repair_bits"):
+            missing = sorted(set(getattr(config, option) or ()) - set(config.bits))
+            if missing:
+                raise QuantdiagError(f"--{option.replace('_', '-')} {', '.join(map(str, missing))} not among --bits")
+        if not config.alphas or any(a < 0 for a in config.alphas):
+            raise QuantdiagError("--alphas must be non-negative numbers")
         config.facts()
         check_writable(Path(config.out))
         return config
@@ -101,9 +113,22 @@ class RunConfig:
 
     def causal_specs(self) -> list[QuantSpec]:
         """The settings that get the causal analyses (all of them unless ``causal_bits``)."""
-        chosen = self.bits if self.causal_bits is None else self.causal_bits
         causal = any(a in CAUSAL_ANALYSES for a in self.analyses)
-        return [spec for spec in self.specs() if spec.bits in chosen] if causal else []
+        return self._specs_with_bits(self.causal_bits) if causal else []
+
+    def sensitivity_specs(self) -> list[QuantSpec]:
+        """The settings that get the sensitivity maps (all of them unless ``sensitivity_bits``)."""
+        return self._specs_with_bits(self.sensitivity_bits) if "sensitivity" in self.analyses else []
+
+    def repair_specs(self) -> list[QuantSpec]:
+        """The settings that get the repair table (all of them unless ``repair_bits``)."""
+        return self._specs_with_bits(self.repair_bits) if "repairs" in self.analyses else []
+
+    def repair_options(self) -> RepairOptions:
+        return RepairOptions(self.protect_blocks, self.kurtosis_budget, tuple(sorted(self.alphas)), self.eora_rank, self.seed)
+
+    def _specs_with_bits(self, chosen: tuple[int, ...] | None) -> list[QuantSpec]:
+        return [spec for spec in self.specs() if chosen is None or spec.bits in chosen]
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -9,6 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property, partial
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from quantdiag.analysis.causal import CAUSAL_ANALYSES, CausalPlan, causal_arrays
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.forward import Scores, score_prompts
 from quantdiag.analysis.recall import subsets
+from quantdiag.analysis.repairs import protected_blocks, repair_arrays
 from quantdiag.analysis.representations import representation_arrays
+from quantdiag.analysis.sensitivity import half_damage_block, injection_arrays, sensitivity_arrays
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
 from quantdiag.errors import QuantdiagError
@@ -59,6 +62,18 @@ class Evaluated:
     robustness: Scores
 
 
+@dataclass
+class Analyses:
+    """The arrays of the optional analyses; empty where an analysis did not run."""
+
+    causal: dict[str, dict[str, np.ndarray]]  # setting -> causal arrays
+    components: dict[str, np.ndarray]
+    representations: dict[str, dict[str, np.ndarray]]  # setting -> statistics
+    sensitivity: dict[str, dict[str, np.ndarray]]  # setting -> per-prompt correctness under plans
+    injection: dict[str, dict[str, np.ndarray]]  # method -> signal injection into its 2-bit setting
+    repairs: dict[str, dict[str, np.ndarray]]  # setting -> repair table
+
+
 def run(config: RunConfig) -> Path:
     """Run the diagnosis described by ``config``; returns the report's path."""
     config = config.resolved()
@@ -66,7 +81,7 @@ def run(config: RunConfig) -> Path:
     facts = config.facts()
     prompts = build_prompts(loaded, facts, config)
     specs = config.specs()
-    needs_calibration = any(spec.method == "gptq" for spec in specs)
+    needs_calibration = any(spec.method == "gptq" for spec in specs) or bool(config.repair_specs())
     calibration = (
         load_calibration(loaded, config.calib, config.calib_samples, config.calib_length, config.seed)
         if needs_calibration
@@ -85,12 +100,13 @@ def run(config: RunConfig) -> Path:
     causal = causal_effects(run_dir, loaded, bank, prompts, config, groups)
     components = component_effects(run_dir, loaded, bank, prompts, config, reference) if "components" in config.analyses else {}
     representations = representation_effects(run_dir, loaded, bank, prompts, config, groups) if "representations" in config.analyses else {}
+    sensitivity, injection = sensitivity_effects(run_dir, loaded, bank, prompts, config, groups)
+    repairs = repair_effects(run_dir, loaded, bank, prompts, config, groups, sensitivity)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    results = build_results(
-        config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, causal, components, representations
-    )
+    analyses = Analyses(causal, components, representations, sensitivity, injection, repairs)
+    results = build_results(config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, analyses)
     run_dir.write_json("results.json", results)
-    arrays = _arrays(reference, evaluated, facts, causal, representations) | {f"components/{k}": v for k, v in components.items()}
+    arrays = _arrays(reference, evaluated, facts, analyses)
     save_arrays(run_dir.path / "arrays.npz", arrays)
     write_report(run_dir, results)
     return run_dir.report
@@ -174,16 +190,12 @@ def causal_effects(
         if len(rows)
     }
     plan = CausalPlan(tuple(a for a in config.analyses if a in CAUSAL_ANALYSES), config.streams, config.window)
-    effects = {}
-    for setting, names in _targets(list(chosen), config.causal_specs()):
-        if not names or not plan.sweeps(setting):
-            continue
-        rows = {name: chosen[name].tolist() for name in names}
-        key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, rows, asdict(plan))
-        subset_prompts = {name: [prompts.primary[i] for i in picked] for name, picked in rows.items()}
-        compute = partial(causal_arrays, loaded, bank, setting, subset_prompts, plan, config.batch_size)
-        effects[setting] = run_dir.cached(f"causal-{setting}", key, compute) | {f"{n}/rows": np.array(r) for n, r in rows.items()}
-    return effects
+
+    def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
+        return causal_arrays(loaded, bank, setting, subset_prompts, plan, config.batch_size)
+
+    specs = [spec for spec in config.causal_specs() if plan.sweeps(spec.key)]
+    return _subset_stages(run_dir, loaded, bank, prompts, chosen, specs, "causal", analysis, bool(plan.sweeps(REFERENCE)), (asdict(plan),))
 
 
 def component_effects(
@@ -210,15 +222,38 @@ def representation_effects(
     prompt of each non-empty subset of its method; the reference gets its own CKA on every
     method's subsets. Each setting is a resumable stage."""
     chosen = {f"{method}:{name}": rows for method, named in groups.items() for name, rows in named.items() if len(rows)}
+
+    def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
+        return representation_arrays(loaded, bank, setting, subset_prompts, config.batch_size, run_dir.stages)
+
+    return _subset_stages(run_dir, loaded, bank, prompts, chosen, config.specs(), "representations", analysis)
+
+
+def _subset_stages(
+    run_dir: RunDir,
+    loaded: LoadedModel,
+    bank: WeightBank,
+    prompts: PromptSet,
+    chosen: dict[str, np.ndarray],
+    specs: list[QuantSpec],
+    stage: str,
+    analysis: Callable[[str, dict[str, list[Prompt]]], dict[str, np.ndarray]],
+    with_reference: bool = True,
+    key_parts: tuple = (),
+) -> dict[str, dict[str, np.ndarray]]:
+    """Setting -> ``analysis(setting, {subset: prompts})`` plus ``{subset}/rows``, each setting a
+    resumable stage ``{stage}-{setting}``: the reference (if ``with_reference``) on every subset
+    in ``chosen`` (name -> fact rows), each of ``specs`` on its own method's."""
+    targets = _targets(list(chosen), specs)
     effects = {}
-    for setting, names in _targets(list(chosen), config.specs()):
+    for setting, names in targets if with_reference else targets[1:]:
         if not names:
             continue
         rows = {name: chosen[name].tolist() for name in names}
-        key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, rows)
+        key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, rows, *key_parts)
         subset_prompts = {name: [prompts.primary[i] for i in picked] for name, picked in rows.items()}
-        compute = partial(representation_arrays, loaded, bank, setting, subset_prompts, config.batch_size, run_dir.stages)
-        effects[setting] = run_dir.cached(f"representations-{setting}", key, compute)
+        arrays = run_dir.cached(f"{stage}-{setting}", key, partial(analysis, setting, subset_prompts))
+        effects[setting] = arrays | {f"{name}/rows": np.array(picked) for name, picked in rows.items()}
     return effects
 
 
@@ -227,21 +262,82 @@ def _targets(subsets: list[str], specs: list[QuantSpec]) -> list[tuple[str, list
     return [(REFERENCE, subsets)] + [(spec.key, [name for name in subsets if name.startswith(f"{spec.method}:")]) for spec in specs]
 
 
-def _arrays(
-    reference: Evaluated,
-    evaluated: list[Evaluated],
-    facts: list[Fact],
-    causal: dict[str, dict[str, np.ndarray]],
-    representations: dict[str, dict[str, np.ndarray]],
-) -> dict[str, np.ndarray]:
-    """Per-prompt arrays of every setting, ``{setting}/{field}``, the causal grids,
-    ``{setting}/causal/{subset}/...``, the representation statistics,
-    ``{setting}/representations/{subset}/...``, and each prompt's relation."""
+def sensitivity_effects(
+    run_dir: RunDir,
+    loaded: LoadedModel,
+    bank: WeightBank,
+    prompts: PromptSet,
+    config: RunConfig,
+    groups: dict[str, dict[str, np.ndarray]],
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+    """Setting -> sensitivity arrays (``sensitivity.sensitivity_arrays``) on its method's Robust
+    and Failure prompts, with ``rows`` and the ``failure`` mask; method -> signal injection into
+    its 2-bit setting from the reference, 8-bit and 4-bit (those in the run), on its Failure
+    prompts (when the run has sensitivity maps). Each is a resumable stage."""
+    effects, injection = {}, {}
+    for spec in config.sensitivity_specs():
+        named = groups.get(spec.method)
+        rows = np.sort(np.concatenate([named["robust"], named["failure"]])) if named else np.array([], dtype=int)
+        if not len(rows):
+            continue
+        key = content_hash(loaded.fingerprint, bank.path(spec.key).name, prompts.digest, rows.tolist())
+        compute = partial(sensitivity_arrays, loaded, bank, spec.key, [prompts.primary[i] for i in rows], config.batch_size)
+        effects[spec.key] = run_dir.cached(f"sensitivity-{spec.key}", key, compute) | {"rows": rows, "failure": np.isin(rows, named["failure"])}
+    for method, named in groups.items():
+        by_bits = {spec.bits: spec.key for spec in config.specs() if spec.method == method}
+        if "sensitivity" not in config.analyses or 2 not in by_bits or not len(named["failure"]):
+            continue
+        highs = [REFERENCE] + [by_bits[bits] for bits in (8, 4) if bits in by_bits]
+        key = content_hash(loaded.fingerprint, [bank.path(s).name for s in (by_bits[2], *highs)], prompts.digest, named["failure"].tolist())
+        failure = [prompts.primary[i] for i in named["failure"]]
+        compute = partial(injection_arrays, loaded, bank, by_bits[2], highs, failure, config.batch_size)
+        injection[method] = run_dir.cached(f"injection-{method}", key, compute) | {"low": np.array(by_bits[2]), "highs": np.array(highs)}
+    return effects, injection
+
+
+def repair_effects(
+    run_dir: RunDir,
+    loaded: LoadedModel,
+    bank: WeightBank,
+    prompts: PromptSet,
+    config: RunConfig,
+    groups: dict[str, dict[str, np.ndarray]],
+    sensitivity: dict[str, dict[str, np.ndarray]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Setting -> repair table (``repairs.repair_arrays``) on its method's Failure and Robust
+    prompts, protecting with the method's 8-bit setting (quantized if the run has none); m from
+    the setting's domino test when the run has one. Each setting is a resumable stage."""
+    options = config.repair_options()
+    tables = {}
+    for spec in config.repair_specs():
+        named = groups.get(spec.method)
+        if not named or len(named["failure"]) < 2:
+            continue
+        protect = replace(spec, bits=8)
+        bank.ensure(protect)
+        bank.ensure_eora([spec.key, protect.key], options.rank)
+        domino = sensitivity.get(spec.key, {}).get("domino")
+        blocks = protected_blocks(loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks)
+        rows = {name: named[name].tolist() for name in ("failure", "robust")}
+        key = content_hash(loaded.fingerprint, [bank.path(s).name for s in (spec.key, protect.key)], prompts.digest, rows, asdict(options), blocks)
+        failure, robust = ([prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
+        compute = partial(repair_arrays, loaded, bank, spec.key, protect.key, failure, robust, blocks, options, config.batch_size)
+        tables[spec.key] = run_dir.cached(f"repairs-{spec.key}", key, compute)
+    return tables
+
+
+def _arrays(reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact], analyses: Analyses) -> dict[str, np.ndarray]:
+    """Per-prompt arrays of every setting, ``{setting}/{field}``; per setting the arrays of each
+    analysis, ``{setting}/{analysis}/...``; ``components/...``, ``injection/{method}/...``; and
+    each prompt's relation."""
     arrays = {"relation": np.array([fact.relation for fact in facts])}
     for item in [reference, *evaluated]:
         arrays.update(item.scores.arrays(f"{item.setting}/"))
         arrays.update(item.robustness.arrays(f"{item.setting}/robustness/"))
-    for analysis, per_setting in (("causal", causal), ("representations", representations)):
-        for setting, values in per_setting.items():
+    for analysis in ("causal", "representations", "sensitivity", "repairs"):
+        for setting, values in getattr(analyses, analysis).items():
             arrays.update({f"{setting}/{analysis}/{key}": value for key, value in values.items()})
+    arrays.update({f"components/{key}": value for key, value in analyses.components.items()})
+    for method, values in analyses.injection.items():
+        arrays.update({f"injection/{method}/{key}": value for key, value in values.items()})
     return arrays

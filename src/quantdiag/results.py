@@ -12,7 +12,9 @@ from quantdiag.analysis.effects import as_json, per_token_restoration, subset_su
 from quantdiag.analysis.lens import lens_curves
 from quantdiag.analysis.positions import GROUPS
 from quantdiag.analysis.recall import recall_summary
+from quantdiag.analysis.repairs import REPAIRS, repair_summary
 from quantdiag.analysis.representations import POSITIONS, STREAMS, SUBSPACE_STREAM, representation_summary
+from quantdiag.analysis.sensitivity import injection_summary, sensitivity_summary
 from quantdiag.analysis.similarity import ENERGY
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact
@@ -22,7 +24,7 @@ from quantdiag.quant.calib import Calibration
 from quantdiag.quant.spec import REFERENCE, REFERENCE_BITS, PrecisionPlan
 
 if TYPE_CHECKING:
-    from quantdiag.pipeline import Evaluated, PromptSet
+    from quantdiag.pipeline import Analyses, Evaluated, PromptSet
 
 SCHEMA_VERSION = 1
 REFERENCE_NOTE_SMOLLM2 = (
@@ -45,11 +47,10 @@ def build_results(
     bank: WeightBank,
     calibration: Calibration | None,
     method_subsets: dict[str, dict[str, np.ndarray]],
-    causal: dict[str, dict[str, np.ndarray]],
-    components: dict[str, np.ndarray],
-    representations: dict[str, dict[str, np.ndarray]],
+    analyses: Analyses,
 ) -> dict:
     """Assemble the summary; ``docs/results.md`` documents every field."""
+    causal, components, representations = analyses.causal, analyses.components, analyses.representations
     fact_of_robustness = prompts.fact_of_robustness
     settings = [_setting(reference, facts, loaded, fact_of_robustness, method_subsets, bank)]
     settings += [_setting(item, facts, loaded, fact_of_robustness, method_subsets, bank) for item in evaluated]
@@ -67,6 +68,10 @@ def build_results(
             arrays = representations[setting["key"]]
             subsets = sorted({key.split("/")[0] for key in arrays})
             setting["representations"] = {subset: representation_summary(arrays, subset) for subset in subsets}
+        if setting["key"] in analyses.sensitivity:
+            setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[setting["key"]])
+        if setting["key"] in analyses.repairs:
+            setting["repairs"] = repair_summary(analyses.repairs[setting["key"]])
     return {
         "schema_version": SCHEMA_VERSION,
         "model": {
@@ -102,6 +107,10 @@ def build_results(
         else None,
         "representations": {"streams": list(STREAMS), "positions": list(POSITIONS), "subspace_stream": SUBSPACE_STREAM, "energy": ENERGY}
         if representations
+        else None,
+        "injection": {method: injection_summary(values) for method, values in analyses.injection.items()} or None,
+        "repairs": {"rank": config.eora_rank, "budget": config.kurtosis_budget, "alphas": list(config.repair_options().alphas), "repairs": list(REPAIRS)}
+        if analyses.repairs
         else None,
         "settings": settings,
         "notes": _notes(config, evaluated, bank),

@@ -16,7 +16,8 @@ from quantdiag.model.load import LoadedModel
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.gptq import gptq_dequantized
 from quantdiag.quant.rtn import rtn_dequantized
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bits, effective_group_size
+from quantdiag.quant.eora import eora_weights
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bits, effective_group_size, eora_key, split_eora
 from quantdiag.storage import atomic_file, cache_root
 
 log = logging.getLogger(__name__)
@@ -31,18 +32,19 @@ class WeightBank:
         self.root = (cache_dir or cache_root()) / "weights" / loaded.fingerprint
         named = dict(loaded.model.named_modules())
         self.modules: dict[str, nn.Linear] = {name: named[name] for name in self.adapter.linear_names()}
-        self.sizes = {name: module.weight.numel() for name, module in self.modules.items()}
+        self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
         self.layers = {name: self.adapter.linear_kind(name)[0] for name in self.modules}
         self.current = dict.fromkeys(self.modules, REFERENCE)
         self._handles: dict[str, object] = {}
         self._save(REFERENCE, {name: module.weight for name, module in self.modules.items()})
 
     def path(self, setting: str) -> Path:
-        """Cache file of a setting; GPTQ's depends on the calibration tokens too."""
-        if setting == REFERENCE or QuantSpec.from_key(setting).method == "rtn":
+        """Cache file of a setting; GPTQ's and EoRA's depend on the calibration tokens too."""
+        base, rank = split_eora(setting)
+        if base == REFERENCE or (QuantSpec.from_key(base).method == "rtn" and not rank):
             return self.root / f"{setting}.safetensors"
         if self.calibration is None:
-            raise ValueError("GPTQ settings need a calibration set")
+            raise ValueError("GPTQ and EoRA settings need a calibration set")
         return self.root / f"{setting}-calib{self.calibration.digest}.safetensors"
 
     def has(self, setting: str) -> bool:
@@ -58,6 +60,17 @@ class WeightBank:
         else:
             weights = gptq_dequantized(self.adapter, self.calibration.ids, spec)
         self._save(spec.key, weights)
+
+    def ensure_eora(self, settings: list[str], rank: int) -> None:
+        """Compute the rank-``rank`` EoRA compensation of each setting not cached yet (one pass
+        over the calibration set for all of them); the model is left at the reference."""
+        missing = [setting for setting in settings if not self.has(eora_key(setting, rank))]
+        if not missing:
+            return
+        self.apply(PrecisionPlan.uniform(REFERENCE))
+        compensated = eora_weights(self.adapter, self.calibration.ids, missing, rank, lambda setting, name: self._handle(setting).get_tensor(name))
+        for setting, weights in compensated.items():
+            self._save(eora_key(setting, rank), weights)
 
     def assignment(self, plan: PrecisionPlan) -> dict[str, str]:
         """Module name -> setting under ``plan``."""
@@ -75,7 +88,7 @@ class WeightBank:
         self._handles = {setting: handle for setting, handle in self._handles.items() if setting in in_use}
 
     def average_bits(self, plan: PrecisionPlan) -> float:
-        return average_bits(self.assignment(plan), self.sizes)
+        return average_bits(self.assignment(plan), self.shapes)
 
     def group_size_fallbacks(self, spec: QuantSpec) -> dict[int, int]:
         """Input widths that ``spec.group_size`` does not divide -> the group size used there."""

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantdiag.model.arch import Adapter
-from quantdiag.model.stack import run_block, trace_stack
+from quantdiag.model.stack import calibration_inputs, run_block_batches
 from quantdiag.quant.spec import QuantSpec, effective_group_size
 
 
@@ -31,7 +31,7 @@ def gptq_dequantized(adapter: Adapter, calibration_ids: torch.Tensor, spec: Quan
     The model's weights are the same before and after the call.
     """
     solver_class, config_class = _gptqmodel()
-    hidden, block_kwargs = _block_inputs(adapter, calibration_ids, batch_size)
+    hidden, block_kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
     result: dict[str, torch.Tensor] = {}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"GPTQ {spec.bits}-bit", unit="block")):
         linears = {kind: block.get_submodule(path) for kind, path in adapter.arch.linears}
@@ -43,7 +43,7 @@ def gptq_dequantized(adapter: Adapter, calibration_ids: torch.Tensor, spec: Quan
                 quantized = solver.quantize()[0].to(linears[kind].weight.dtype)
                 linears[kind].weight.copy_(quantized)
                 result[adapter.linear_name(layer, kind)] = quantized.cpu()
-        hidden = _run_block(block, hidden, block_kwargs[layer])
+        hidden = run_block_batches(block, hidden, block_kwargs[layer])
         for kind, weight in originals.items():
             linears[kind].weight.copy_(weight)
     return result
@@ -92,17 +92,3 @@ def _feed(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], line
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _block_inputs(adapter: Adapter, ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Hidden states entering block 0 per calibration batch, and the keyword arguments (masks,
-    rotary embeddings) of every block per batch, indexed ``[layer][batch]``. Per-block kwargs
-    matter for Gemma2, whose sliding-window layers get a mask of their own."""
-    device = adapter.model.get_input_embeddings().weight.device
-    traces = [trace_stack(adapter, ids[i : i + batch_size].to(device), all_states=False) for i in range(0, len(ids), batch_size)]
-    return [trace.states[0] for trace in traces], [[trace.kwargs[layer] for trace in traces] for layer in range(adapter.n_layers)]
-
-
-def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The block's outputs for each batch."""
-    return [run_block(block, states, extra) for states, extra in zip(hidden, kwargs)]

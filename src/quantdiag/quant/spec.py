@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quantdiag.errors import QuantdiagError
 
@@ -14,6 +14,9 @@ REFERENCE = "reference"
 #: Nominal bits of a reference-precision linear in average-bits arithmetic.
 REFERENCE_BITS = 16
 _KEY = re.compile(r"^(?P<method>[a-z]+)-w(?P<bits>\d+)-g(?P<group>\d+)-(?P<sym>sym|asym)$")
+_EORA = re.compile(r"^(?P<base>.+)\+eora(?P<rank>\d+)$")
+#: Bits of each number of a low-rank correction's factors (kept in 16-bit floats).
+LOW_RANK_BITS = 16
 
 
 def effective_group_size(in_features: int, group_size: int) -> int:
@@ -61,9 +64,21 @@ class QuantSpec:
         return cls(match["method"], int(match["bits"]), int(match["group"]), match["sym"] == "sym")
 
 
+def eora_key(setting: str, rank: int) -> str:
+    """The setting ``setting`` with a rank-``rank`` EoRA correction added to each linear."""
+    return f"{setting}+eora{rank}"
+
+
+def split_eora(setting: str) -> tuple[str, int]:
+    """(base setting, EoRA rank; 0 without a correction)."""
+    match = _EORA.match(setting)
+    return (match["base"], int(match["rank"])) if match else (setting, 0)
+
+
 def setting_bits(setting: str) -> int:
-    """Nominal bits of a setting key (the reference counts as 16)."""
-    return REFERENCE_BITS if setting == REFERENCE else QuantSpec.from_key(setting).bits
+    """Nominal bits of a setting key's weights (the reference counts as 16)."""
+    base, _ = split_eora(setting)
+    return REFERENCE_BITS if base == REFERENCE else QuantSpec.from_key(base).bits
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,14 @@ class PrecisionPlan:
         """Every linear at one setting: the plain quantized model (or the reference)."""
         return cls(default=setting)
 
+    def compensated(self, rank: int) -> PrecisionPlan:
+        """The same plan with a rank-``rank`` EoRA correction on every quantized linear."""
+
+        def lift(setting: str) -> str:
+            return setting if setting == REFERENCE else eora_key(setting, rank)
+
+        return PrecisionPlan(lift(self.default), tuple(replace(rule, setting=lift(rule.setting)) for rule in self.rules))
+
     def setting_for(self, name: str, layer: int) -> str:
         setting = self.default
         for rule in self.rules:
@@ -100,8 +123,15 @@ class PrecisionPlan:
         return setting
 
 
-def average_bits(assignment: Mapping[str, str], sizes: Mapping[str, int]) -> float:
+def average_bits(assignment: Mapping[str, str], shapes: Mapping[str, tuple[int, int]]) -> float:
     """Parameter-weighted mean of nominal bits over the linears: ``assignment`` maps module name to
-    setting, ``sizes`` module name to parameter count (2 of 32 blocks at 8 on 4-bit = 4.25)."""
-    total = sum(sizes[name] for name in assignment)
-    return sum(setting_bits(setting) * sizes[name] for name, setting in assignment.items()) / total
+    setting, ``shapes`` module name to weight shape (2 of 32 blocks at 8 on 4-bit = 4.25). An EoRA
+    correction adds its factors, rank x (out + in) numbers at ``LOW_RANK_BITS``."""
+
+    def bits(name: str, setting: str) -> float:
+        out_features, in_features = shapes[name]
+        rank = split_eora(setting)[1]
+        return setting_bits(setting) * out_features * in_features + LOW_RANK_BITS * rank * (out_features + in_features)
+
+    total = sum(shapes[name][0] * shapes[name][1] for name in assignment)
+    return sum(bits(name, setting) for name, setting in assignment.items()) / total

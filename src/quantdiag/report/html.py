@@ -18,7 +18,9 @@ from quantdiag.report.causal import causal_sections
 from quantdiag.report.components import component_sections
 from quantdiag.report.plots import Section
 from quantdiag.report.readings import cliff_reading, lens_reading, rank_reading, summary_rows
+from quantdiag.report.repairs import repair_sections
 from quantdiag.report.representations import representation_sections
+from quantdiag.report.sensitivity import sensitivity_sections
 from quantdiag.runs import RunDir
 from quantdiag.storage import atomic_file
 
@@ -47,6 +49,8 @@ def _sections(results: dict) -> Iterator[Section]:
     yield from causal_sections(results)
     yield from component_sections(results)
     yield from representation_sections(results)
+    yield from sensitivity_sections(results)
+    yield from repair_sections(results)
     yield ("relations", "Accuracy per relation", plots.relation_heatmap(results), "")
 
 

@@ -1,0 +1,142 @@
+"""Mechanism-aware repairs (METHODS 7), each a PrecisionPlan over the WeightBank (plus the
+amplified read-out), evaluated on the Failure subset's test split and on the Robust subset:
+the paper's Table 1 for one setting.
+
+- early protection: the first m blocks at 8-bit;
+- kurtosis protection: the highest-kurtosis weight matrices at 8-bit within an average-bits budget;
+- peak-signal amplification on top of early protection (alpha chosen on the dev split);
+- EoRA rank-r compensation, on the setting and on the early-protected plan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quantdiag.analysis.amplify import amplified_correct, best_alpha, dev_test_split
+from quantdiag.analysis.effects import as_json
+from quantdiag.analysis.sensitivity import correct_under
+from quantdiag.data.facts import Prompt
+from quantdiag.model.load import LoadedModel
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.plans import blocks_plan
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Rule
+
+KURTOSIS_BUDGET = 4.1
+#: Repairs in the order of the table; "+" joins what is combined.
+REPAIRS = ("baseline", "eora", "early", "kurtosis", "early+amplify", "early+eora")
+
+
+@dataclass(frozen=True)
+class RepairOptions:
+    """``blocks``: m for early protection (``None``: from the domino test, else L // 16);
+    ``budget``: average bits of kurtosis protection; ``alphas``: amplification grid; ``rank``:
+    EoRA rank; ``seed``: the dev/test split."""
+
+    blocks: int | None
+    budget: float
+    alphas: tuple[float, ...]
+    rank: int
+    seed: int
+
+
+def protected_blocks(layers: int, half_damage_block: int | None, given: int | None) -> int:
+    """m: as given; else the blocks up to the domino test's half-damage block, at most L // 8;
+    without a domino test L // 16 (the paper's 2 of 32); at least 1."""
+    if given is not None:
+        return given
+    if half_damage_block is not None:
+        return max(1, min(half_damage_block + 1, layers // 8))
+    return max(1, layers // 16)
+
+
+def excess_kurtosis(weight: torch.Tensor) -> float:
+    """Fourth standardised moment minus 3 of a weight matrix's entries (heavy tails: outliers)."""
+    values = weight.double().flatten()
+    centred = values - values.mean()
+    return float((centred**4).mean() / (centred**2).mean() ** 2 - 3)
+
+
+def kurtosis_plan(bank: WeightBank, setting: str, protect: str, budget: float) -> PrecisionPlan:
+    """``setting`` everywhere, then the reference's highest-kurtosis linears at ``protect``, one
+    by one, while the average bits stay within ``budget``."""
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    ranked = sorted(bank.modules, key=lambda name: excess_kurtosis(bank.modules[name].weight), reverse=True)
+    plan = PrecisionPlan.uniform(setting)
+    for name in ranked:
+        candidate = PrecisionPlan(setting, (*plan.rules, Rule(protect, pattern=f"^{re.escape(name)}$")))
+        if bank.average_bits(candidate) > budget:
+            break
+        plan = candidate
+    return plan
+
+
+def repair_arrays(
+    loaded: LoadedModel,
+    bank: WeightBank,
+    setting: str,
+    protect: str,
+    failure: Sequence[Prompt],
+    robust: Sequence[Prompt],
+    blocks: int,
+    options: RepairOptions,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Per repair, correctness on the Failure test split (``<repair>/failure``) and on the Robust
+    subset (``<repair>/robust``), and ``bits`` (average bits per repair, in ``REPAIRS`` order);
+    with ``alpha`` (chosen), ``dev_accuracy`` (per alpha), ``test`` (the test split's indices
+    into ``failure``) and ``blocks`` (m)."""
+    dev, test = dev_test_split(len(failure), options.seed)
+    early = blocks_plan(protect, 0, blocks, default=setting)
+    plans = {
+        "baseline": PrecisionPlan.uniform(setting),
+        "eora": PrecisionPlan.uniform(setting).compensated(options.rank),
+        "early": early,
+        "kurtosis": kurtosis_plan(bank, setting, protect, options.budget),
+        "early+amplify": early,
+        "early+eora": early.compensated(options.rank),
+    }
+    tested = [failure[i] for i in test]
+    out: dict[str, np.ndarray] = {}
+    for name, plan in plans.items():
+        if name == "early+amplify":
+            continue
+        out[f"{name}/failure"] = correct_under(loaded, bank, plan, tested, batch_size)
+        out[f"{name}/robust"] = correct_under(loaded, bank, plan, robust, batch_size)
+    bank.apply(early)
+    amplified = amplified_correct(loaded, failure, options.alphas, batch_size)
+    chosen = best_alpha(amplified[:, dev])
+    alpha = options.alphas[chosen]
+    out["early+amplify/failure"] = amplified[chosen, test]
+    out["early+amplify/robust"] = amplified_correct(loaded, robust, [alpha], batch_size)[0]
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    return out | {
+        "bits": np.array([bank.average_bits(plans[name]) for name in REPAIRS]),
+        "alpha": np.array(alpha),
+        "dev_accuracy": amplified[:, dev].mean(-1),
+        "test": test,
+        "blocks": np.array(blocks),
+    }
+
+
+def repair_summary(arrays: dict[str, np.ndarray]) -> dict:
+    """The repair table for results.json: per repair its average bits and accuracy on the Failure
+    test split and the Robust subset (``None`` where empty); m, the chosen alpha, dev accuracy."""
+
+    def accuracy(correct: np.ndarray) -> float | None:
+        return round(float(correct.mean()), 6) if len(correct) else None
+
+    return {
+        "blocks": int(arrays["blocks"]),
+        "alpha": float(arrays["alpha"]),
+        "dev_accuracy": as_json(arrays["dev_accuracy"]),
+        "test_prompts": len(arrays["test"]),
+        "rows": [
+            {"repair": name, "average_bits": round(float(bits), 4), "failure": accuracy(arrays[f"{name}/failure"]), "robust": accuracy(arrays[f"{name}/robust"])}
+            for name, bits in zip(REPAIRS, arrays["bits"])
+        ],
+    }

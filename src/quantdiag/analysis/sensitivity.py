@@ -1,0 +1,142 @@
+"""Sensitivity maps (METHODS 6): where does the damage start? Each experiment is a PrecisionPlan
+over the WeightBank (weights quantized once, swapped in): the domino test (blocks 0..k
+quantized), single blocks, one component group in every block, and signal injection (the first
+k blocks at a higher precision over a 2-bit model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from quantdiag.analysis.effects import as_json
+from quantdiag.analysis.forward import length_batches, score_prompts
+from quantdiag.data.facts import Prompt
+from quantdiag.model.load import LoadedModel
+from quantdiag.model.stack import run_block, trace_stack
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.plans import COMPONENT_GROUPS, blocks_plan, component_plan
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+
+
+def correct_under(loaded: LoadedModel, bank: WeightBank, plan: PrecisionPlan, prompts: Sequence[Prompt], batch_size: int) -> np.ndarray:
+    """Which prompts the model answers correctly with ``plan`` applied."""
+    bank.apply(plan)
+    return score_prompts(loaded, prompts, batch_size, desc="plan").correct
+
+
+def sensitivity_arrays(
+    loaded: LoadedModel, bank: WeightBank, setting: str, prompts: Sequence[Prompt], batch_size: int
+) -> dict[str, np.ndarray]:
+    """Per-prompt correctness with ``setting`` in blocks 0..k (``domino``, layers x prompts), in
+    block k alone (``single``, layers x prompts) and in one component group of every block
+    (``component/<group>``, prompts)."""
+    domino, single = block_sweeps(loaded, bank, setting, prompts, batch_size)
+    groups = tqdm(COMPONENT_GROUPS, desc=f"components {setting}", unit="plan", leave=False)
+    components = {f"component/{g}": correct_under(loaded, bank, component_plan(loaded.adapter.arch, setting, g), prompts, batch_size) for g in groups}
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    return {"domino": domino, "single": single, **components}
+
+
+@torch.inference_mode()
+def block_sweeps(
+    loaded: LoadedModel, bank: WeightBank, setting: str, prompts: Sequence[Prompt], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness (layers x prompts) of the domino and single-block tests, without recomputing
+    shared prefixes: the reference and ``setting`` are traced once per batch; domino k resumes
+    from ``setting``'s input of block k+1, single k from the reference's input of block k, and
+    both go on through the reference blocks above k (about half the work of full forwards)."""
+    adapter, layers = loaded.adapter, loaded.adapter.n_layers
+    domino = np.zeros((layers, len(prompts)), dtype=bool)
+    single = np.zeros((layers, len(prompts)), dtype=bool)
+    for batch in tqdm(length_batches(prompts, batch_size), desc=f"domino and single blocks {setting}", unit="batch", leave=False):
+        ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
+        targets = torch.tensor([prompts[i].target for i in batch])
+        bank.apply(PrecisionPlan.uniform(REFERENCE))
+        reference = trace_stack(adapter, ids)
+        bank.apply(PrecisionPlan.uniform(setting))
+        quantized = trace_stack(adapter, ids)
+        for k in range(layers):
+            bank.apply(blocks_plan(setting, k, k + 1))
+            starts = {"domino": quantized.states[k + 1], "single": run_block(adapter.blocks[k], reference.states[k], reference.kwargs[k])}
+            for test, hidden in starts.items():
+                for layer in range(k + 1, layers):
+                    hidden = run_block(adapter.blocks[layer], hidden.to(reference.states[layer].device), reference.kwargs[layer])
+                correct = adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets
+                (domino if test == "domino" else single)[k, batch] = correct.numpy()
+    return domino, single
+
+
+@torch.inference_mode()
+def injection_arrays(
+    loaded: LoadedModel, bank: WeightBank, low: str, highs: Sequence[str], prompts: Sequence[Prompt], batch_size: int
+) -> dict[str, np.ndarray]:
+    """Signal injection: for each high setting and k = 0..L, blocks below k at that setting and
+    the rest at ``low``. ``cosine`` (highs x L+1 x layers): mean cosine of the last token's
+    residual with the reference's at every layer; ``accuracy`` (highs x L+1). Each high setting
+    is traced once per batch and every k resumes from its input of block k."""
+    adapter, layers = loaded.adapter, loaded.adapter.n_layers
+    cosine = np.zeros((len(highs), layers + 1, layers))
+    correct = np.zeros((len(highs), layers + 1))
+    for batch in tqdm(length_batches(prompts, batch_size), desc=f"injection into {low}", unit="batch"):
+        ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
+        targets = torch.tensor([prompts[i].target for i in batch])
+        bank.apply(PrecisionPlan.uniform(REFERENCE))
+        reference = [state[:, -1].float().cpu() for state in trace_stack(adapter, ids).states[1:]]
+        for h, high in enumerate(highs):
+            bank.apply(PrecisionPlan.uniform(high))
+            traced = trace_stack(adapter, ids)
+            bank.apply(PrecisionPlan.uniform(low))
+            for k in range(layers + 1):
+                last, hidden = [state[:, -1] for state in traced.states[1 : k + 1]], traced.states[k]
+                for layer in range(k, layers):
+                    hidden = run_block(adapter.blocks[layer], hidden.to(traced.states[layer].device), traced.kwargs[layer])
+                    last.append(hidden[:, -1])
+                residuals = torch.stack([state.float().cpu() for state in last])
+                cosine[h, k] += F.cosine_similarity(residuals, torch.stack(reference), dim=-1).sum(-1).numpy()
+                correct[h, k] += (adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets).sum().item()
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    return {"cosine": cosine / len(prompts), "accuracy": correct / len(prompts)}
+
+
+def half_damage_block(domino_accuracy: np.ndarray) -> int | None:
+    """The first block k such that quantizing blocks 0..k already loses half of the accuracy
+    the whole model loses (the reference scores 1 on these prompts); ``None`` if nothing is lost."""
+    loss = 1.0 - domino_accuracy[-1]
+    if loss <= 0:
+        return None
+    return int(np.argmax(domino_accuracy <= 1.0 - loss / 2))
+
+
+def sensitivity_summary(arrays: dict[str, np.ndarray]) -> dict:
+    """Accuracy on the Robust and Failure prompts (an empty subset is left out): curves over k
+    for the domino and single-block tests, one number per component group; and the domino test's
+    half-damage block on both subsets together."""
+    failure = arrays["failure"].astype(bool)
+
+    def accuracy(correct: np.ndarray) -> dict:
+        means = {name: correct[..., rows].mean(-1) for name, rows in (("robust", ~failure), ("failure", failure)) if rows.any()}
+        return {name: as_json(mean) if mean.ndim else round(float(mean), 6) for name, mean in means.items()}
+
+    groups = [key.removeprefix("component/") for key in arrays if key.startswith("component/")]
+    return {
+        "domino": accuracy(arrays["domino"]),
+        "single": accuracy(arrays["single"]),
+        "components": {group: accuracy(arrays[f"component/{group}"]) for group in groups},
+        "half_damage_block": half_damage_block(arrays["domino"].mean(-1)),
+    }
+
+
+def injection_summary(arrays: dict[str, np.ndarray]) -> dict:
+    """Signal injection for results.json: the low setting, the high ones, and per high setting
+    and k the accuracy and the per-layer cosine with the reference."""
+    return {
+        "low": str(arrays["low"]),
+        "highs": [str(h) for h in arrays["highs"]],
+        "accuracy": as_json(arrays["accuracy"]),
+        "cosine": as_json(arrays["cosine"]),
+    }

@@ -1,0 +1,88 @@
+"""EoRA (METHODS 7): a training-free rank-r compensation of each linear's quantization error,
+``W_q + B A``, fitted where the calibration activations live: the error is projected into the
+eigenspace of the input covariance ``C = X^T X`` before its truncated SVD, so the rank is spent
+on the directions the inputs use.
+
+Covariances come from the reference model, block by block on the calibration set (as GPTQ's
+Hessians do); every requested setting is compensated in the same pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantdiag.model.arch import Adapter
+from quantdiag.model.stack import calibration_inputs, run_block_batches
+
+DEFAULT_RANK = 32
+#: Eigenvalues below this share of the largest are floored (directions the inputs never use).
+_FLOOR = 1e-10
+
+
+def eora_factors(delta: torch.Tensor, covariance: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B`` (out x r) and ``A`` (r x in) such that ``B A`` is the rank-r approximation of the
+    error ``delta`` that is best on inputs with second moment ``covariance``:
+    ``C = Q diag(lam) Q^T``, ``U_r S_r V_r^T = svd_r(delta Q diag(sqrt(lam)))``, ``B = U_r S_r``,
+    ``A = V_r^T diag(1/sqrt(lam)) Q^T`` (float64)."""
+    return _factors(delta, *_eigenbasis(covariance), rank)
+
+
+def _eigenbasis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqrt(lam)`` (floored) and ``Q`` of ``covariance``: shared by every setting's error."""
+    eigenvalues, basis = torch.linalg.eigh(covariance.double())
+    return eigenvalues.clamp_min(_FLOOR * eigenvalues.max().clamp_min(1e-30)).sqrt(), basis
+
+
+def _factors(delta: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(delta.double() @ basis * scale, full_matrices=False)
+    return u[:, :rank] * s[:rank], (vh[:rank] / scale) @ basis.T
+
+
+@torch.no_grad()
+def eora_weights(
+    adapter: Adapter,
+    calibration_ids: torch.Tensor,
+    settings: Sequence[str],
+    rank: int,
+    quantized: Callable[[str, str], torch.Tensor],
+    batch_size: int = 8,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per setting, every block linear's compensated weight ``W_q + B A`` (CPU, model dtype).
+    The model must hold the reference weights; ``quantized(setting, name)`` gives ``W_q``."""
+    hidden, kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
+    out: dict[str, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
+    for layer, block in enumerate(tqdm(adapter.blocks, desc=f"EoRA rank {rank}", unit="block")):
+        linears = {adapter.linear_name(layer, kind): block.get_submodule(path) for kind, path in adapter.arch.linears}
+        covariances = _input_covariances(block, hidden, kwargs[layer], linears)
+        for name, linear in linears.items():
+            scale, basis = _eigenbasis(covariances[name])
+            for setting in settings:
+                weight = quantized(setting, name).to(linear.weight.device, torch.float64)
+                b, a = _factors(linear.weight.double() - weight, scale, basis, rank)
+                out[setting][name] = (weight + b @ a).to(linear.weight.dtype).cpu()
+        hidden = run_block_batches(block, hidden, kwargs[layer])
+    return out
+
+
+def _input_covariances(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """``X^T X`` (float64) of each linear's inputs over every calibration batch."""
+    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in linears.items()}
+
+    def accumulate(name: str):
+        def hook(_module, args):
+            rows = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] += rows.T @ rows
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
+    try:
+        run_block_batches(block, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
