@@ -1,6 +1,7 @@
 """End to end on the built-in SmolLM2 with the quick preset: RTN and GPTQ at 4 and 2 bits, then
 ``quantdiag patch`` on the finished run (residual patching, 4 prompts a subset, then components
-and representations), ``quantdiag sensitivity`` at 2 bits and ``quantdiag repair`` at 4 and 2 bits.
+and representations), ``quantdiag sensitivity`` at 2 bits and ``quantdiag repair`` at 4 and 2 bits
+(3 blocks protected: the 4-bit domino test that would choose m is not run here, to save time).
 
 Uses the user's quantdiag cache (content-keyed, so sharing it is safe): the first run on a fresh
 machine converts the GGUF, generates calibration text and quantizes (a few minutes); reruns reuse it.
@@ -152,7 +153,7 @@ def test_2_bit_representations_drift_further_than_4_bit(patched_run):
 def repaired_run(quick_run):
     _, report, _ = quick_run
     run_dir = str(report.parent)
-    for args in (["sensitivity", run_dir, "--sensitivity-bits", "2"], ["repair", run_dir, "--repair-bits", "4,2"]):
+    for args in (["sensitivity", run_dir, "--sensitivity-bits", "2"], ["repair", run_dir, "--repair-bits", "4,2", "--protect-blocks", "3"]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
     return report, json.loads((report.parent / "results.json").read_text())

@@ -18,7 +18,7 @@ TWO = QuantSpec("rtn", 2, 32, True)
 def test_full_rank_with_identity_covariance_recovers_the_error_exactly():
     delta = torch.randn(12, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     b, a = eora_factors(delta, torch.eye(9, dtype=torch.float64), rank=9)
-    torch.testing.assert_close(b @ a, delta)
+    torch.testing.assert_close(b @ a, delta.float(), rtol=1e-4, atol=1e-5)
 
 
 @settings(max_examples=30, deadline=None)
@@ -30,7 +30,7 @@ def test_eora_beats_plain_svd_on_the_activations_it_was_fitted_to(seed, rank):
     b, a = eora_factors(delta, inputs.T @ inputs, rank)
     u, s, vh = torch.linalg.svd(delta)
     plain = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    assert torch.linalg.norm((delta - b @ a) @ inputs.T) <= torch.linalg.norm((delta - plain) @ inputs.T) * (1 + 1e-9)
+    assert torch.linalg.norm((delta - b.double() @ a.double()) @ inputs.T) <= torch.linalg.norm((delta - plain) @ inputs.T) * (1 + 1e-4)
 
 
 def test_eora_keys_plans_and_average_bits():

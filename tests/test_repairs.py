@@ -59,7 +59,7 @@ def test_excess_kurtosis_and_protected_blocks():
     generator = torch.Generator().manual_seed(0)
     assert abs(excess_kurtosis(torch.randn(200, 200, generator=generator))) < 0.1
     assert excess_kurtosis(torch.distributions.StudentT(3.0).sample((200, 200))) > 1
-    assert protected_blocks(32, None, None) == 2 and protected_blocks(32, 0, None) == 1
+    assert protected_blocks(32, None, None) == 2 and protected_blocks(30, None, None) == 2 and protected_blocks(32, 0, None) == 1
     assert protected_blocks(32, 20, None) == 4 and protected_blocks(32, 20, 7) == 7
 
 

@@ -308,20 +308,20 @@ def repair_effects(
     prompts, protecting with the method's 8-bit setting (quantized if the run has none); m from
     the setting's domino test when the run has one. Each setting is a resumable stage."""
     options = config.repair_options()
-    tables = {}
-    for spec in config.repair_specs():
-        named = groups.get(spec.method)
-        if not named or len(named["failure"]) < 2:
-            continue
-        protect = replace(spec, bits=8)
+    specs = [spec for spec in config.repair_specs() if len(groups.get(spec.method, {}).get("failure", [])) >= 2]
+    protects = {spec.key: replace(spec, bits=8) for spec in specs}
+    for protect in protects.values():
         bank.ensure(protect)
-        bank.ensure_eora([spec.key, protect.key], options.rank)
+    bank.ensure_eora([key for spec in specs for key in (spec.key, protects[spec.key].key)], options.rank)
+    tables = {}
+    for spec in specs:
+        named, protect = groups[spec.method], protects[spec.key].key
         domino = sensitivity.get(spec.key, {}).get("domino")
         blocks = protected_blocks(loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks)
         rows = {name: named[name].tolist() for name in ("failure", "robust")}
-        key = content_hash(loaded.fingerprint, [bank.path(s).name for s in (spec.key, protect.key)], prompts.digest, rows, asdict(options), blocks)
+        key = content_hash(loaded.fingerprint, [bank.path(s).name for s in (spec.key, protect)], prompts.digest, rows, asdict(options), blocks)
         failure, robust = ([prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
-        compute = partial(repair_arrays, loaded, bank, spec.key, protect.key, failure, robust, blocks, options, config.batch_size)
+        compute = partial(repair_arrays, loaded, bank, spec.key, protect, failure, robust, blocks, options, config.batch_size)
         tables[spec.key] = run_dir.cached(f"repairs-{spec.key}", key, compute)
     return tables
 

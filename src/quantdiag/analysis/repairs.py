@@ -33,7 +33,7 @@ REPAIRS = ("baseline", "eora", "early", "kurtosis", "early+amplify", "early+eora
 
 @dataclass(frozen=True)
 class RepairOptions:
-    """``blocks``: m for early protection (``None``: from the domino test, else L // 16);
+    """``blocks``: m for early protection (``None``: from the domino test, else L / 16);
     ``budget``: average bits of kurtosis protection; ``alphas``: amplification grid; ``rank``:
     EoRA rank; ``seed``: the dev/test split."""
 
@@ -46,12 +46,12 @@ class RepairOptions:
 
 def protected_blocks(layers: int, half_damage_block: int | None, given: int | None) -> int:
     """m: as given; else the blocks up to the domino test's half-damage block, at most L // 8;
-    without a domino test L // 16 (the paper's 2 of 32); at least 1."""
+    without a domino test L / 16 rounded (the paper's 2 of 32); at least 1."""
     if given is not None:
         return given
     if half_damage_block is not None:
         return max(1, min(half_damage_block + 1, layers // 8))
-    return max(1, layers // 16)
+    return max(1, round(layers / 16))
 
 
 def excess_kurtosis(weight: torch.Tensor) -> float:

@@ -51,8 +51,7 @@ def block_sweeps(
     from ``setting``'s input of block k+1, single k from the reference's input of block k, and
     both go on through the reference blocks above k (about half the work of full forwards)."""
     adapter, layers = loaded.adapter, loaded.adapter.n_layers
-    domino = np.zeros((layers, len(prompts)), dtype=bool)
-    single = np.zeros((layers, len(prompts)), dtype=bool)
+    correct = {test: np.zeros((layers, len(prompts)), dtype=bool) for test in ("domino", "single")}
     for batch in tqdm(length_batches(prompts, batch_size), desc=f"domino and single blocks {setting}", unit="batch", leave=False):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         targets = torch.tensor([prompts[i].target for i in batch])
@@ -66,9 +65,8 @@ def block_sweeps(
             for test, hidden in starts.items():
                 for layer in range(k + 1, layers):
                     hidden = run_block(adapter.blocks[layer], hidden.to(reference.states[layer].device), reference.kwargs[layer])
-                correct = adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets
-                (domino if test == "domino" else single)[k, batch] = correct.numpy()
-    return domino, single
+                correct[test][k, batch] = (adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets).numpy()
+    return correct["domino"], correct["single"]
 
 
 @torch.inference_mode()

@@ -21,6 +21,8 @@ from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bi
 from quantdiag.storage import atomic_file, cache_root
 
 log = logging.getLogger(__name__)
+#: Settings compensated in one EoRA pass: the covariances are shared, the weights are held.
+EORA_SETTINGS_PER_PASS = 2
 
 
 class WeightBank:
@@ -62,15 +64,16 @@ class WeightBank:
         self._save(spec.key, weights)
 
     def ensure_eora(self, settings: list[str], rank: int) -> None:
-        """Compute the rank-``rank`` EoRA compensation of each setting not cached yet (one pass
-        over the calibration set for all of them); the model is left at the reference."""
-        missing = [setting for setting in settings if not self.has(eora_key(setting, rank))]
-        if not missing:
-            return
-        self.apply(PrecisionPlan.uniform(REFERENCE))
-        compensated = eora_weights(self.adapter, self.calibration.ids, missing, rank, lambda setting, name: self._handle(setting).get_tensor(name))
-        for setting, weights in compensated.items():
-            self._save(eora_key(setting, rank), weights)
+        """Compute the rank-``rank`` EoRA compensation of each setting not cached yet, a pass over
+        the calibration set for every ``EORA_SETTINGS_PER_PASS`` of them (a pass holds their
+        compensated weights in memory); the model is left at the reference."""
+        missing = [setting for setting in dict.fromkeys(settings) if not self.has(eora_key(setting, rank))]
+        for start in range(0, len(missing), EORA_SETTINGS_PER_PASS):
+            self.apply(PrecisionPlan.uniform(REFERENCE))
+            chunk = missing[start : start + EORA_SETTINGS_PER_PASS]
+            compensated = eora_weights(self.adapter, self.calibration.ids, chunk, rank, lambda setting, name: self._handle(setting).get_tensor(name))
+            for setting, weights in compensated.items():
+                self._save(eora_key(setting, rank), weights)
 
     def assignment(self, plan: PrecisionPlan) -> dict[str, str]:
         """Module name -> setting under ``plan``."""

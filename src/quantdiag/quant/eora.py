@@ -20,25 +20,27 @@ from quantdiag.model.stack import calibration_inputs, run_block_batches
 
 DEFAULT_RANK = 32
 #: Eigenvalues below this share of the largest are floored (directions the inputs never use).
-_FLOOR = 1e-10
+_FLOOR = 1e-7
 
 
 def eora_factors(delta: torch.Tensor, covariance: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``B`` (out x r) and ``A`` (r x in) such that ``B A`` is the rank-r approximation of the
     error ``delta`` that is best on inputs with second moment ``covariance``:
     ``C = Q diag(lam) Q^T``, ``U_r S_r V_r^T = svd_r(delta Q diag(sqrt(lam)))``, ``B = U_r S_r``,
-    ``A = V_r^T diag(1/sqrt(lam)) Q^T`` (float64)."""
+    ``A = V_r^T diag(1/sqrt(lam)) Q^T`` (float32: LAPACK's float64 SVD is many times slower on
+    a CPU and rank-r compensation needs no more precision)."""
     return _factors(delta, *_eigenbasis(covariance), rank)
 
 
 def _eigenbasis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sqrt(lam)`` (floored) and ``Q`` of ``covariance``: shared by every setting's error."""
-    eigenvalues, basis = torch.linalg.eigh(covariance.double())
+    normalised = covariance / covariance.diagonal().mean().clamp_min(1e-30)  # scale-free, well inside float32's range
+    eigenvalues, basis = torch.linalg.eigh(normalised.float())
     return eigenvalues.clamp_min(_FLOOR * eigenvalues.max().clamp_min(1e-30)).sqrt(), basis
 
 
 def _factors(delta: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    u, s, vh = torch.linalg.svd(delta.double() @ basis * scale, full_matrices=False)
+    u, s, vh = torch.linalg.svd(delta.float() @ basis * scale, full_matrices=False)
     return u[:, :rank] * s[:rank], (vh[:rank] / scale) @ basis.T
 
 
@@ -56,30 +58,33 @@ def eora_weights(
     hidden, kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
     out: dict[str, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"EoRA rank {rank}", unit="block")):
-        linears = {adapter.linear_name(layer, kind): block.get_submodule(path) for kind, path in adapter.arch.linears}
-        covariances = _input_covariances(block, hidden, kwargs[layer], linears)
-        for name, linear in linears.items():
-            scale, basis = _eigenbasis(covariances[name])
-            for setting in settings:
-                weight = quantized(setting, name).to(linear.weight.device, torch.float64)
-                b, a = _factors(linear.weight.double() - weight, scale, basis, rank)
-                out[setting][name] = (weight + b @ a).to(linear.weight.dtype).cpu()
+        linears = {kind: block.get_submodule(path) for kind, path in adapter.arch.linears}
+        # The true-sequential groups (q/k/v, o, gate/up, down) are the linears sharing an input.
+        covariances = _input_covariances(block, hidden, kwargs[layer], {group: linears[group[0]] for group in adapter.arch.sequential})
+        for group, covariance in covariances.items():
+            scale, basis = _eigenbasis(covariance)
+            for kind in group:
+                name, linear = adapter.linear_name(layer, kind), linears[kind]
+                for setting in settings:
+                    weight = quantized(setting, name).to(linear.weight.device, torch.float32)
+                    b, a = _factors(linear.weight.float() - weight, scale, basis, rank)
+                    out[setting][name] = (weight + b @ a).to(linear.weight.dtype).cpu()
         hidden = run_block_batches(block, hidden, kwargs[layer])
     return out
 
 
-def _input_covariances(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """``X^T X`` (float64) of each linear's inputs over every calibration batch."""
-    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device) for name, m in linears.items()}
+def _input_covariances(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict) -> dict:
+    """``X^T X`` (float64) of each given linear's inputs over every calibration batch."""
+    sums = {key: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device) for key, m in linears.items()}
 
-    def accumulate(name: str):
+    def accumulate(key):
         def hook(_module, args):
             rows = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] += rows.T @ rows
+            sums[key] += rows.T @ rows
 
         return hook
 
-    handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in linears.items()]
+    handles = [module.register_forward_pre_hook(accumulate(key)) for key, module in linears.items()]
     try:
         run_block_batches(block, hidden, kwargs)
     finally:
