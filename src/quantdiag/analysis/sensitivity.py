@@ -84,7 +84,7 @@ def injection_arrays(
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         targets = torch.tensor([prompts[i].target for i in batch])
         bank.apply(PrecisionPlan.uniform(REFERENCE))
-        reference = [state[:, -1].float().cpu() for state in trace_stack(adapter, ids).states[1:]]
+        reference = torch.stack([state[:, -1].float().cpu() for state in trace_stack(adapter, ids).states[1:]])
         for h, high in enumerate(highs):
             bank.apply(PrecisionPlan.uniform(high))
             traced = trace_stack(adapter, ids)
@@ -95,7 +95,7 @@ def injection_arrays(
                     hidden = run_block(adapter.blocks[layer], hidden.to(traced.states[layer].device), traced.kwargs[layer])
                     last.append(hidden[:, -1])
                 residuals = torch.stack([state.float().cpu() for state in last])
-                cosine[h, k] += F.cosine_similarity(residuals, torch.stack(reference), dim=-1).sum(-1).numpy()
+                cosine[h, k] += F.cosine_similarity(residuals, reference, dim=-1).sum(-1).numpy()
                 correct[h, k] += (adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets).sum().item()
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     return {"cosine": cosine / len(prompts), "accuracy": correct / len(prompts)}
