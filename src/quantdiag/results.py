@@ -21,15 +21,20 @@ from quantdiag.data.facts import Fact
 from quantdiag.model.load import DEFAULT_MODEL, LoadedModel
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
-from quantdiag.quant.spec import REFERENCE, REFERENCE_BITS, PrecisionPlan
+from quantdiag.quant.spec import REFERENCE, REFERENCE_BITS, PrecisionPlan, QuantSpec
+from quantdiag.verdict import rules, verdict_of
 
 if TYPE_CHECKING:
     from quantdiag.pipeline import Analyses, Evaluated, PromptSet
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REFERENCE_NOTE_SMOLLM2 = (
     "The built-in SmolLM2-135M-Instruct ships as a Q4_1 GGUF file: its reference ('full precision') "
     "model is those Q4_1 weights dequantized to float."
+)
+CHECKPOINT_NOTE = (
+    "A checkpoint is compared through its block linears, swapped into the reference model: its "
+    "embeddings, norms and output head are the reference's."
 )
 SWAP_NOTE = (
     "Each setting is quantized once and cached; every compared model is the reference model with "
@@ -72,13 +77,15 @@ def build_results(
             setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[setting["key"]])
         if setting["key"] in analyses.repairs:
             setting["repairs"] = repair_summary(analyses.repairs[setting["key"]])
-    return {
+    results = {
         "schema_version": SCHEMA_VERSION,
         "model": {
             "name": loaded.name,
             "source": config.model,
             "family": loaded.adapter.arch.family,
             "n_layers": loaded.adapter.n_layers,
+            "hidden_size": loaded.model.config.hidden_size,
+            "vocab_size": loaded.model.config.vocab_size,
             "fingerprint": loaded.fingerprint,
         },
         "config": config.to_json(),
@@ -91,7 +98,7 @@ def build_results(
         "calibration": None if calibration is None else calibration.describe(),
         "subsets": {
             method: {
-                "defined_by": f"{method.upper()} {config.subset_bits}-bit",
+                "defined_by": next(item.spec.label for item in evaluated if item.spec.method == method and item.spec.defines_subsets(config.subset_bits)),
                 **{name: len(rows) for name, rows in groups.items()},
             }
             for method, groups in method_subsets.items()
@@ -114,7 +121,11 @@ def build_results(
         else None,
         "settings": settings,
         "notes": _notes(config, evaluated, bank),
+        "verdict_rules": rules(),
     }
+    for setting in settings[1:]:
+        setting["verdict"] = verdict_of(results, setting)
+    return results
 
 
 def _setting(
@@ -161,11 +172,12 @@ def _causal(arrays: dict[str, np.ndarray], prompts: PromptSet, loaded: LoadedMod
 
 
 def _notes(config: RunConfig, evaluated: list[Evaluated], bank: WeightBank) -> list[str]:
-    notes = [SWAP_NOTE]
+    notes = [SWAP_NOTE] + ([CHECKPOINT_NOTE] if config.compare else [])
     if config.model == DEFAULT_MODEL:
         notes.insert(0, REFERENCE_NOTE_SMOLLM2)
-    if evaluated:
-        fallbacks = bank.group_size_fallbacks(evaluated[0].spec)
+    quantized = [item.spec for item in evaluated if isinstance(item.spec, QuantSpec)]
+    if quantized:
+        fallbacks = bank.group_size_fallbacks(quantized[0])
         notes += [
             f"Group size {config.group_size} does not divide input width {width}: those linears use group size {used}."
             for width, used in fallbacks.items()

@@ -29,6 +29,14 @@ from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Rule
 KURTOSIS_BUDGET = 4.1
 #: Repairs in the order of the table; "+" joins what is combined.
 REPAIRS = ("baseline", "eora", "early", "kurtosis", "early+amplify", "early+eora")
+REPAIR_NAMES = {
+    "baseline": "no repair",
+    "eora": "EoRA",
+    "early": "early protection",
+    "kurtosis": "kurtosis protection",
+    "early+amplify": "early protection + amplification",
+    "early+eora": "early protection + EoRA",
+}
 
 
 @dataclass(frozen=True)

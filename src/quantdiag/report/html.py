@@ -1,5 +1,5 @@
 """The self-contained ``report.html``: figures embedded as PNG (also saved as PNG and SVG in
-``figures/``), a summary table first, then the evidence with a one-line reading under each
+``figures/``), the verdict cards and their evidence first, then a summary table and the evidence with a one-line reading under each
 figure (a list of them under multi-panel causal figures)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from quantdiag.report.readings import cliff_reading, lens_reading, rank_reading,
 from quantdiag.report.repairs import repair_sections
 from quantdiag.report.representations import representation_sections
 from quantdiag.report.sensitivity import sensitivity_sections
+from quantdiag.report.verdict import signature_table, verdict_cards
 from quantdiag.runs import RunDir
 from quantdiag.storage import atomic_file
 
@@ -33,7 +34,13 @@ def write_report(run_dir: RunDir, results: dict) -> Path:
         {"id": name, "title": title, "png": _save(figure, run_dir.figures / name), "reading": reading}
         for name, title, figure, reading in _sections(results)
     ]
-    html = _ENV.get_template("report.html.j2").render(results=results, summary=summary_rows(results), figures=figures)
+    html = _ENV.get_template("report.html.j2").render(
+        results=results,
+        cards=verdict_cards(results),
+        signatures=signature_table(results),
+        summary=summary_rows(results),
+        figures=figures,
+    )
     with atomic_file(run_dir.report) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return run_dir.report

@@ -10,16 +10,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from quantdiag.analysis.repairs import REPAIR_NAMES
 from quantdiag.report.plots import Section
 
-LABELS = {
-    "baseline": "baseline",
-    "eora": "+ EoRA",
-    "early": "+ early protection",
-    "kurtosis": "+ kurtosis protection",
-    "early+amplify": "+ early protection + amplification",
-    "early+eora": "+ early protection + EoRA",
-}
+LABELS = {name: "baseline" if name == "baseline" else f"+ {words}" for name, words in REPAIR_NAMES.items()}
 
 
 def repair_sections(results: dict) -> Iterator[Section]:

@@ -1,0 +1,75 @@
+"""The report's opening: one card per compared model (verdict, confidence, accuracy against the
+reference, the signatures that decided it, the recommendation) and the table of every signature
+with its value, the reference's, the threshold and the vote."""
+
+from __future__ import annotations
+
+from quantdiag.verdict.thresholds import SIGNATURES
+
+
+def format_value(name: str, value: float | None) -> str:
+    """Rank shares as percentages, everything else with two decimals; "–" where undefined."""
+    if value is None:
+        return "–"
+    return f"{100 * value:.2g}%" if name == "lens_rank" else f"{value:.2f}"
+
+
+def _where(verdict: dict) -> str | None:
+    block, source = verdict["first_damaged_block"], verdict["damage_evidence"]
+    if block is None or verdict["verdict"] == "healthy":
+        return None
+    return f"block {block} ({source})"
+
+
+def verdict_cards(results: dict) -> list[dict]:
+    """The cards, in the order of the settings."""
+    cards = []
+    for setting in results["settings"][1:]:
+        verdict = setting["verdict"]
+        by_name = {row["name"]: row for row in verdict["signatures"]}
+        cards.append(
+            {
+                "label": setting["label"],
+                "verdict": verdict["verdict"],
+                "title": verdict["title"],
+                "confidence": "–" if verdict["confidence"] is None else f"{verdict['confidence_level']} ({verdict['confidence']:.2f})",
+                "accuracy": f"{verdict['accuracy']:.1%} vs {verdict['reference_accuracy']:.1%} ({verdict['retention']:.0%} kept)",
+                "bits": f"{setting['average_bits']:.2f}",
+                "where": _where(verdict),
+                "votes": f"{sum(row['vote'] == 'collapse' for row in verdict['signatures'])} of {len(verdict['signatures'])} signatures vote Collapse",
+                "decisive": [_decisive_line(by_name[name]) for name in verdict["decisive"]],
+                "recommendation": verdict["recommendation"]["text"],
+            }
+        )
+    return cards
+
+
+def _decisive_line(row: dict) -> str:
+    side = ">" if row["collapse_when"] == "above" else "<"
+    return f"{row['title']}: {format_value(row['name'], row['value'])} (collapse if {side} {format_value(row['name'], row['threshold'])})"
+
+
+def signature_table(results: dict) -> dict:
+    """Rows: signatures any model measured; columns: threshold, reference, then each model with
+    its value and vote."""
+    settings = results["settings"][1:]
+    measured = [{row["name"]: row for row in s["verdict"]["signatures"]} for s in settings]
+    rows = []
+    for signature in SIGNATURES:
+        cells = [by_name.get(signature.name) for by_name in measured]
+        if not any(cells):
+            continue
+        reference = next((cell["reference"] for cell in cells if cell), None)
+        rows.append(
+            {
+                "title": signature.title,
+                "measure": signature.measure,
+                "threshold": f"{'>' if signature.collapse_when == 'above' else '<'} {format_value(signature.name, signature.threshold)}",
+                "reference": format_value(signature.name, reference),
+                "cells": [
+                    {"text": "not measured", "vote": "none"} if cell is None else {"text": format_value(signature.name, cell["value"]), "vote": cell["vote"]}
+                    for cell in cells
+                ],
+            }
+        )
+    return {"labels": [s["label"] for s in settings], "rows": rows}

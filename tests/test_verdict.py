@@ -1,0 +1,157 @@
+"""The verdict (METHODS 8) on synthetic evidence: every signature can flip the verdict, accuracy
+decides Healthy, thin evidence is Inconclusive; evidence is read correctly off results.json;
+where the damage starts and the recommendation follow the run's numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quantdiag.verdict import verdict_of
+from quantdiag.verdict.evidence import Measured, measure
+from quantdiag.verdict.recommend import injection_blocks
+from quantdiag.verdict.rules import COLLAPSE, DEGRADATION, HEALTHY, INCONCLUSIVE, decide, decisive, first_damaged_block
+from quantdiag.verdict.thresholds import BY_NAME, FULL_EVIDENCE, HEALTHY_RETENTION, MIN_SIGNATURES, REPAIR_GAIN, SIGNATURES
+
+NAMES = [signature.name for signature in SIGNATURES]
+LAYERS = 8
+
+
+def _value(name: str, collapse: bool) -> float:
+    """A value clearly on one side of the signature's threshold."""
+    signature = BY_NAME[name]
+    above = collapse == (signature.collapse_when == "above")
+    return signature.threshold * (1.5 if above else 0.5)
+
+
+def _evidence(collapsing: set[str]) -> list[Measured]:
+    return [Measured(name, _value(name, name in collapsing), None) for name in NAMES]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_signature_can_flip_the_verdict(name):
+    """10 signatures, a two-thirds majority: 7 against 3 decides, 6 against 4 does not; so each
+    signature's vote alone turns Degradation or Collapse into Inconclusive."""
+    others = [n for n in NAMES if n != name]
+    three = set(others[:3])
+    assert decide(0.5, _evidence(three)).label == DEGRADATION
+    assert decide(0.5, _evidence(three | {name})).label == INCONCLUSIVE
+    six = set(others[:6])
+    assert decide(0.5, _evidence(six | {name})).label == COLLAPSE
+    assert decide(0.5, _evidence(six)).label == INCONCLUSIVE
+
+
+@pytest.mark.parametrize("signature", SIGNATURES, ids=NAMES)
+def test_a_vote_changes_side_at_the_threshold(signature):
+    nudge = 1.01 if signature.collapse_when == "above" else 0.99
+    assert signature.votes_collapse(signature.threshold * nudge)
+    assert not signature.votes_collapse(signature.threshold)
+
+
+def test_accuracy_decides_healthy_unless_the_mechanism_collapsed():
+    intact = _evidence(set())
+    assert decide(0.95, intact).label == HEALTHY
+    assert decide(0.85, intact).label == DEGRADATION
+    assert decide(0.95, _evidence(set(NAMES[:7]))).label == COLLAPSE
+    assert decide(0.95, []).label == HEALTHY  # accuracy alone says it works
+    assert decide(0.5, intact[:1]).label == INCONCLUSIVE  # one number is not a diagnosis
+
+
+def test_confidence_grows_with_agreement_and_evidence():
+    full, few = decide(0.5, _evidence(set())), decide(0.5, _evidence(set())[:3])
+    assert full.confidence == 1.0 and few.confidence == 0.5  # 3 of the 6 signatures a full verdict needs
+    assert decide(0.5, _evidence(set(NAMES[:2]))).confidence == 0.8
+    assert decide(0.5, _evidence(set(NAMES[:4]))).confidence is None  # Inconclusive
+
+
+def test_the_deciding_signatures_are_the_clearest_agreeing_ones():
+    measured = [Measured("cka_diagonal", 0.05, 1.0), Measured("jaccard", 0.14, 1.0), Measured("sign_flip", 0.05, 0.0)]
+    assert decisive(COLLAPSE, measured) == ["cka_diagonal", "jaccard"]
+    assert decisive(DEGRADATION, measured) == ["sign_flip"]
+
+
+def _setting(key: str, bits: int, *, cka: float, flips: float, half: int | None = None, repairs: list | None = None) -> dict:
+    """A compared model's results.json entry with lens, components and representations (and
+    optionally sensitivity and repairs) on its method's Failure subset."""
+    subset = "rtn:failure"
+    diagonal = [[cka if i == j else 0.0 for j in range(LAYERS)] for i in range(LAYERS)]
+    setting = {
+        "key": key,
+        "label": f"RTN {bits}-bit",
+        "method": "rtn",
+        "bits": bits,
+        "average_bits": float(bits),
+        "recall": {"accuracy": 0.1},
+        "lens": {subset: {"median_rank": [5000.0] * (LAYERS - 1) + [3.0 if cka > 0.6 else 4000.0]}},
+        "components": {subset: {"sign_flip": [flips] * LAYERS, "jaccard": [0.5 if flips < 0.2 else 0.05] * LAYERS, "value_cosine": [0.8 if flips < 0.2 else 0.1] * LAYERS}},
+        "representations": {subset: {"cka": {"resid": {"subject": diagonal}}, "subspaces": {"subject": {"activation": [0.75 if cka > 0.6 else 0.1] * LAYERS, "error": [0.15] * LAYERS, "k": [10] * LAYERS}}}},
+    }
+    if half is not None:
+        kept = 1.0 if cka > 0.6 else 0.0
+        setting["sensitivity"] = {"domino": {"robust": [kept] * LAYERS, "failure": [0.0] * LAYERS}, "half_damage_block": half}
+    if repairs is not None:
+        setting["repairs"] = {"rows": repairs}
+    return setting
+
+
+def _results(*settings: dict, injection: dict | None = None) -> dict:
+    reference = {"key": "reference", "label": "Reference", "method": None, "recall": {"accuracy": 0.2}, "lens": {"rtn:failure": {"median_rank": [5000.0] * (LAYERS - 1) + [1.0]}}}
+    return {
+        "model": {"n_layers": LAYERS, "hidden_size": 100, "vocab_size": 10000},
+        "subsets": {"rtn": {"robust": 10, "failure": 10}},
+        "settings": [reference, *settings],
+        "injection": injection,
+    }
+
+
+def test_evidence_is_read_off_results_json():
+    four = _setting("rtn-w4", 4, cka=0.9, flips=0.1)
+    values = {m.name: m for m in measure(_results(four), four)}
+    assert set(values) == {"lens_rank", "cka_diagonal", "activation_subspace", "error_alignment", "sign_flip", "jaccard", "value_cosine"}
+    assert values["lens_rank"].value == pytest.approx(3 / 10000) and values["lens_rank"].reference == pytest.approx(1 / 10000)
+    assert values["cka_diagonal"].value == pytest.approx(0.9)
+    assert values["activation_subspace"].value == pytest.approx((0.75 - 0.1) / 0.9)  # chance k/d = 0.1 taken out
+    assert values["sign_flip"].value == pytest.approx(0.1) and values["sign_flip"].reference == 0.0
+
+
+def test_4_bit_like_evidence_is_degradation_and_2_bit_like_is_collapse():
+    repairs = [
+        {"repair": "baseline", "average_bits": 4.0, "failure": 0.0, "robust": 1.0},
+        {"repair": "eora", "average_bits": 4.6, "failure": 0.5, "robust": 0.9},  # +20 pts on the known facts
+        {"repair": "early", "average_bits": 4.3, "failure": 0.3, "robust": 1.0},  # +15 pts, cheaper
+        {"repair": "kurtosis", "average_bits": 4.1, "failure": 0.1, "robust": 0.95},  # +2.5 pts: not enough
+    ]
+    four = _setting("rtn-w4", 4, cka=0.9, flips=0.1, half=5, repairs=repairs)
+    two = _setting("rtn-w2", 2, cka=0.2, flips=0.4, half=0, repairs=[{**row, "failure": 0.0, "robust": 0.0} for row in repairs])
+    injection = {"rtn": {"low": "rtn-w2", "highs": ["reference"], "accuracy": [[0.0, 0.0, 0.2, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0]]}}
+    results = _results(four, two, injection=injection)
+    good, bad = verdict_of(results, four), verdict_of(results, two)
+    assert good["verdict"] == DEGRADATION and good["first_damaged_block"] == 5 and good["damage_evidence"] == "domino"
+    assert good["recommendation"]["repair"]["repair"] == "early" and "early protection" in good["recommendation"]["text"]
+    assert bad["verdict"] == COLLAPSE and bad["confidence_level"] == "high" and bad["first_damaged_block"] == 0
+    assert "failed" in bad["recommendation"]["text"] and "blocks 0-2" in bad["recommendation"]["text"]
+    assert injection_blocks(results, two) == 3 and injection_blocks(results, four) is None
+    rows = {row["name"]: row for row in bad["signatures"]}
+    assert rows["cka_diagonal"]["vote"] == COLLAPSE and rows["cka_diagonal"]["threshold"] == BY_NAME["cka_diagonal"].threshold
+
+
+def test_where_the_damage_starts_without_a_domino_test():
+    """The CKA diagonal's first layer below its threshold; with only the lens, the first layer
+    where the reference's answer has surfaced and the model's has not."""
+    collapsed = _setting("rtn-w2", 2, cka=0.2, flips=0.4)
+    assert first_damaged_block(_results(collapsed), collapsed) == (0, "cka")
+    lens_only = {key: value for key, value in collapsed.items() if key != "representations"}
+    assert first_damaged_block(_results(lens_only), lens_only) == (LAYERS - 1, "lens")
+    healthy = _setting("rtn-w8", 8, cka=0.99, flips=0.01)
+    assert first_damaged_block(_results(healthy), healthy) == (None, None)
+
+
+def test_docs_state_every_threshold():
+    """docs/verdict.md stays true to thresholds.py."""
+    text = (Path(__file__).parents[1] / "docs" / "verdict.md").read_text()
+    for signature in SIGNATURES:
+        side = ">" if signature.collapse_when == "above" else "<"
+        assert f"`{signature.name}`" in text and f"| {side} {signature.threshold:g} |" in text, signature.name
+    assert f"**{HEALTHY_RETENTION:.0%}**" in text and f"**{FULL_EVIDENCE}**" in text and f"**{MIN_SIGNATURES}**" in text
+    assert f"**{REPAIR_GAIN * 100:g} points**" in text
