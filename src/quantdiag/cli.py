@@ -6,6 +6,8 @@ resumes from its finished stages when the same command runs again.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -85,27 +87,56 @@ def _bits(text: str | None, option: str) -> tuple[int, ...] | None:
     return None if text is None else _numbers(text, option, int)
 
 
+Model = Annotated[str, typer.Option(help="HF repo id or folder, a .gguf file, or 'smollm2' (built in)")]
+Facts = Annotated[str | None, typer.Option(help="facts per relation, or 'all' (default: from the preset)")]
+FactsFile = Annotated[str | None, typer.Option(help="JSONL of your own facts: subject, object, template")]
+Relations = Annotated[str | None, typer.Option(help="ParaRel relation ids, comma-separated (default: all 39)")]
+Calib = Annotated[str | None, typer.Option(help="calibration text or JSONL file (default: model-generated)")]
+CalibSamples = Annotated[int, typer.Option(help="calibration sequences")]
+CalibLength = Annotated[int, typer.Option(help="tokens per calibration sequence")]
+Out = Annotated[str, typer.Option(help="run directory")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+Preset = Annotated[str, typer.Option(help=f"sizes: {', '.join(PRESETS)}")]
+BatchSize = Annotated[int, typer.Option(help="prompts per forward pass")]
+Seed = Annotated[int, typer.Option(help="seed of fact sampling and calibration text")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code")]
+Analyses = Annotated[str | None, typer.Option(help=ANALYSES_HELP)]
+
+
+def _shared(facts: str | None, facts_file: str | None, relations: str | None, analyses: str | None) -> dict:
+    """RunConfig fields from the options ``run`` and ``diagnose`` share that need parsing."""
+    all_facts = facts == "all"
+    return {
+        "facts_per_relation": None if facts is None or all_facts else _count(facts, "--facts"),
+        "all_facts": all_facts,
+        "facts_file": facts_file,
+        "relations": _names(relations),
+        "analyses": _analyses(analyses),
+    }
+
+
 @app.command()
 def run(
-    model: Annotated[str, typer.Option(help="HF repo id or folder, a .gguf file, or 'smollm2' (built in)")] = "smollm2",
+    model: Model = "smollm2",
     methods: Annotated[str, typer.Option(help="quantization methods, comma-separated: rtn, gptq")] = "rtn,gptq",
     bits: Annotated[str, typer.Option(help="weight bit widths, comma-separated, each 2..8")] = "8,4,3,2",
     group_size: Annotated[int, typer.Option(help="quantization group size (falls back where it does not divide)")] = 128,
     asym: Annotated[bool, typer.Option("--asym", help="asymmetric quantization (zero point per group)")] = False,
-    facts: Annotated[str | None, typer.Option(help="facts per relation, or 'all' (default: from the preset)")] = None,
-    facts_file: Annotated[str | None, typer.Option(help="JSONL of your own facts: subject, object, template")] = None,
-    relations: Annotated[str | None, typer.Option(help="ParaRel relation ids, comma-separated (default: all 39)")] = None,
-    calib: Annotated[str | None, typer.Option(help="calibration text or JSONL file (default: model-generated)")] = None,
-    calib_samples: Annotated[int, typer.Option(help="calibration sequences")] = 16,
-    calib_length: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 256,
-    out: Annotated[str, typer.Option(help="run directory")] = "runs/latest",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
-    preset: Annotated[str, typer.Option(help=f"sizes: {', '.join(PRESETS)}")] = "full",
-    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 64,
-    seed: Annotated[int, typer.Option(help="seed of fact sampling and calibration text")] = 0,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code")] = False,
-    analyses: Annotated[str | None, typer.Option(help=ANALYSES_HELP)] = None,
+    facts: Facts = None,
+    facts_file: FactsFile = None,
+    relations: Relations = None,
+    calib: Calib = None,
+    calib_samples: CalibSamples = 16,
+    calib_length: CalibLength = 256,
+    out: Out = "runs/latest",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    preset: Preset = "full",
+    batch_size: BatchSize = 64,
+    seed: Seed = 0,
+    trust_remote_code: TrustRemoteCode = False,
+    analyses: Analyses = None,
     patch_prompts: Annotated[int | None, typer.Option(help=PROMPTS_HELP)] = None,
     causal_bits: Annotated[str | None, typer.Option(help=BITS_HELP)] = None,
     sensitivity_bits: Annotated[str | None, typer.Option(help=SENSITIVITY_BITS_HELP)] = None,
@@ -118,12 +149,11 @@ def run(
     window: Annotated[int, typer.Option(help=WINDOW_HELP)] = 1,
 ) -> None:
     """Quantize a model, measure its factual recall, logit lens, causal effects, components,
-    representations and sensitivity, try the repairs, and write a report."""
+    representations and sensitivity, try the repairs, judge each setting, and write a report."""
 
     def call():
         from quantdiag.pipeline import run as run_pipeline
 
-        all_facts = facts == "all"
         config = RunConfig(
             out=out,
             model=model,
@@ -132,10 +162,6 @@ def run(
             group_size=group_size,
             sym=not asym,
             preset=preset,
-            facts_per_relation=None if facts is None or all_facts else _count(facts, "--facts"),
-            all_facts=all_facts,
-            facts_file=facts_file,
-            relations=_names(relations),
             calib=calib,
             calib_samples=calib_samples,
             calib_length=calib_length,
@@ -144,7 +170,6 @@ def run(
             dtype=dtype,
             seed=seed,
             trust_remote_code=trust_remote_code,
-            analyses=_analyses(analyses),
             patch_prompts=patch_prompts,
             causal_bits=_bits(causal_bits, "--causal-bits"),
             sensitivity_bits=_bits(sensitivity_bits, "--sensitivity-bits"),
@@ -155,10 +180,72 @@ def run(
             eora_rank=rank,
             streams=_names(streams) or (),
             window=window,
+            **_shared(facts, facts_file, relations, analyses),
         )
         return run_pipeline(config)
 
     _show_report(call)
+
+
+@app.command()
+def diagnose(
+    compare: Annotated[list[str], typer.Option(help="a checkpoint to judge: GPTQ or AWQ folder, .gguf file or float folder (repeat for more)")],
+    reference: Model = "smollm2",
+    facts: Facts = None,
+    facts_file: FactsFile = None,
+    relations: Relations = None,
+    calib: Calib = None,
+    calib_samples: CalibSamples = 16,
+    calib_length: CalibLength = 256,
+    out: Out = "runs/diagnose",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    preset: Preset = "full",
+    batch_size: BatchSize = 64,
+    seed: Seed = 0,
+    trust_remote_code: TrustRemoteCode = False,
+    analyses: Analyses = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdicts as JSON on stdout (progress stays on stderr)")] = False,
+) -> None:
+    """Judge checkpoints against a reference: Healthy, Signal Degradation, Computation Collapse
+    or Inconclusive, with the evidence and a report. Exit code (the worst verdict): 0 healthy,
+    3 degradation, 4 collapse, 5 inconclusive; 2 for a usage error."""
+
+    def call():
+        from quantdiag.diagnose import diagnose as diagnose_models
+
+        config = RunConfig(
+            out=out,
+            model=reference,
+            methods=(),
+            bits=(),
+            compare=tuple(compare),
+            preset=preset,
+            calib=calib,
+            calib_samples=calib_samples,
+            calib_length=calib_length,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            **_shared(facts, facts_file, relations, analyses),
+        )
+        if not as_json:
+            return diagnose_models(config)
+        with contextlib.redirect_stdout(sys.stderr):
+            return diagnose_models(config)
+
+    diagnosis = _guard(call)
+    if as_json:
+        print(json.dumps(diagnosis.to_json(), indent=2))
+    else:
+        for model in diagnosis.models:
+            verdict = model["verdict"]
+            confidence = "" if verdict["confidence"] is None else f" ({verdict['confidence_level']} confidence, {verdict['confidence']:.2f})"
+            print(f"{model['label']}: {verdict['title']}{confidence}. {verdict['recommendation']['text']}")
+        print(f"report: {diagnosis.report.resolve()}")
+    raise typer.Exit(diagnosis.exit_code)
 
 
 @app.command()

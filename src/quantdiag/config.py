@@ -1,8 +1,8 @@
 """Run configuration: what to quantize, which facts, which device; presets fill the sizes.
 
-``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2, recall and lens
-only); ``full`` is the default diagnosis, with cross-model patching, zero ablation, component and
-representation metrics. The calibration set defaults to 16 x 256 tokens, enough for small models
+``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2): recall, the logit
+lens, and the component and representation metrics, enough for a verdict; ``full`` is the default
+diagnosis, adding cross-model patching, zero ablation, the sensitivity maps and the repairs. The calibration set defaults to 16 x 256 tokens, enough for small models
 on a CPU; for a paper-scale run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 """
 
@@ -18,13 +18,14 @@ from quantdiag.analysis.repairs import KURTOSIS_BUDGET, RepairOptions
 from quantdiag.data.facts import Fact, load_pararel, load_user_facts
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import DEFAULT_MODEL
+from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, inspect_checkpoint
 from quantdiag.quant.eora import DEFAULT_RANK
 from quantdiag.quant.spec import METHODS, QuantSpec
 
 #: Optional analyses beyond recall and the logit lens.
 ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs")
 PRESETS: dict[str, dict] = {
-    "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": (), "patch_prompts": 4},
+    "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": ("components", "representations"), "patch_prompts": 4},
     "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3, "analyses": ANALYSES, "patch_prompts": 8},
 }
 
@@ -36,6 +37,7 @@ class RunConfig:
     out: str = "runs/latest"
     model: str = DEFAULT_MODEL
     methods: tuple[str, ...] = ("rtn", "gptq")
+    compare: tuple[str, ...] = ()
     bits: tuple[int, ...] = (8, 4, 3, 2)
     group_size: int = 128
     sym: bool = True
@@ -77,7 +79,7 @@ class RunConfig:
         for name in ("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size", "patch_prompts", "window", "protect_blocks", "eora_rank"):
             if getattr(config, name) is not None and getattr(config, name) <= 0:
                 raise QuantdiagError(f"{name.replace('_', '-')} must be positive")
-        if config.subset_bits not in config.bits:
+        if config.methods and config.subset_bits not in config.bits:
             raise QuantdiagError(f"the subsets need {config.subset_bits}-bit settings: add {config.subset_bits} to --bits")
         unknown = [a for a in config.analyses if a not in ANALYSES]
         if unknown:
@@ -95,14 +97,20 @@ class RunConfig:
         check_writable(Path(config.out))
         return config
 
-    def specs(self) -> list[QuantSpec]:
-        """Every (method, bits) setting of the run, methods first."""
+    def specs(self) -> list[ComparedSpec]:
+        """Every compared setting: each (method, bits), methods first, then the checkpoints."""
         unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
+        if unknown or not (self.methods or self.compare):
             raise QuantdiagError(f"unknown method {', '.join(unknown) or '(none)'} (choose from {', '.join(METHODS)})")
-        if not self.bits:
+        if self.methods and not self.bits:
             raise QuantdiagError("no bit widths given")
-        return [QuantSpec(method, bits, self.group_size, self.sym) for method in self.methods for bits in self.bits]
+        quantized = [QuantSpec(method, bits, self.group_size, self.sym) for method in self.methods for bits in self.bits]
+        checkpoints = [inspect_checkpoint(path) for path in self.compare]
+        names = [spec.method for spec in checkpoints]
+        clash = sorted({name for name in names if names.count(name) > 1 or name in self.methods})
+        if clash:
+            raise QuantdiagError(f"two compared models would share the name {clash[0]}: rename a checkpoint's file or folder")
+        return quantized + checkpoints
 
     def facts(self) -> list[Fact]:
         """The user's facts file, or the seeded ParaRel sample."""
@@ -111,24 +119,25 @@ class RunConfig:
         per_relation = None if self.all_facts else self.facts_per_relation
         return load_pararel(list(self.relations) if self.relations else None, per_relation, self.seed)
 
-    def causal_specs(self) -> list[QuantSpec]:
+    def causal_specs(self) -> list[ComparedSpec]:
         """The settings that get the causal analyses (all of them unless ``causal_bits``)."""
         causal = any(a in CAUSAL_ANALYSES for a in self.analyses)
         return self._specs_with_bits(self.causal_bits) if causal else []
 
-    def sensitivity_specs(self) -> list[QuantSpec]:
+    def sensitivity_specs(self) -> list[ComparedSpec]:
         """The settings that get the sensitivity maps (all of them unless ``sensitivity_bits``)."""
         return self._specs_with_bits(self.sensitivity_bits) if "sensitivity" in self.analyses else []
 
-    def repair_specs(self) -> list[QuantSpec]:
+    def repair_specs(self) -> list[ComparedSpec]:
         """The settings that get the repair table (all of them unless ``repair_bits``)."""
         return self._specs_with_bits(self.repair_bits) if "repairs" in self.analyses else []
 
     def repair_options(self) -> RepairOptions:
         return RepairOptions(self.protect_blocks, self.kurtosis_budget, tuple(sorted(self.alphas)), self.eora_rank, self.seed)
 
-    def _specs_with_bits(self, chosen: tuple[int, ...] | None) -> list[QuantSpec]:
-        return [spec for spec in self.specs() if chosen is None or spec.bits in chosen]
+    def _specs_with_bits(self, chosen: tuple[int, ...] | None) -> list[ComparedSpec]:
+        """The settings with ``chosen`` bits (all if ``None``), and every checkpoint."""
+        return [spec for spec in self.specs() if chosen is None or isinstance(spec, CheckpointSpec) or spec.bits in chosen]
 
     def to_json(self) -> dict:
         return asdict(self)

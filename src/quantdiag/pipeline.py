@@ -27,6 +27,7 @@ from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import LoadedModel, load_reference
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
+from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 from quantdiag.report.html import write_report
 from quantdiag.results import build_results
@@ -57,7 +58,7 @@ class Evaluated:
     """One model setting's scores on the primary and robustness prompts."""
 
     setting: str
-    spec: QuantSpec | None
+    spec: ComparedSpec | None
     scores: Scores
     robustness: Scores
 
@@ -145,7 +146,7 @@ def evaluate(
     loaded: LoadedModel,
     bank: WeightBank,
     prompts: PromptSet,
-    spec: QuantSpec | None,
+    spec: ComparedSpec | None,
     batch_size: int,
     lens_rows: np.ndarray,
 ) -> Evaluated:
@@ -165,9 +166,10 @@ def evaluate(
 
 
 def method_subsets(reference: Evaluated, evaluated: list[Evaluated], bits: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per method, the rows of its Robust and Failure subsets (defined by its ``bits`` setting)."""
+    """Per method, the rows of its Robust and Failure subsets (defined by its ``bits`` setting; a
+    checkpoint's by itself)."""
     return {
-        item.spec.method: subsets(reference.scores.correct, item.scores.correct) for item in evaluated if item.spec.bits == bits
+        item.spec.method: subsets(reference.scores.correct, item.scores.correct) for item in evaluated if item.spec.defines_subsets(bits)
     }
 
 
@@ -235,7 +237,7 @@ def _subset_stages(
     bank: WeightBank,
     prompts: PromptSet,
     chosen: dict[str, np.ndarray],
-    specs: list[QuantSpec],
+    specs: list[ComparedSpec],
     stage: str,
     analysis: Callable[[str, dict[str, list[Prompt]]], dict[str, np.ndarray]],
     with_reference: bool = True,
@@ -257,7 +259,7 @@ def _subset_stages(
     return effects
 
 
-def _targets(subsets: list[str], specs: list[QuantSpec]) -> list[tuple[str, list[str]]]:
+def _targets(subsets: list[str], specs: list[ComparedSpec]) -> list[tuple[str, list[str]]]:
     """(setting, subsets it is measured on): the reference on all, each setting on its method's."""
     return [(REFERENCE, subsets)] + [(spec.key, [name for name in subsets if name.startswith(f"{spec.method}:")]) for spec in specs]
 
@@ -305,17 +307,18 @@ def repair_effects(
     sensitivity: dict[str, dict[str, np.ndarray]],
 ) -> dict[str, dict[str, np.ndarray]]:
     """Setting -> repair table (``repairs.repair_arrays``) on its method's Failure and Robust
-    prompts, protecting with the method's 8-bit setting (quantized if the run has none); m from
-    the setting's domino test when the run has one. Each setting is a resumable stage."""
+    prompts, protecting with the method's 8-bit setting (quantized if the run has none; a
+    checkpoint's protected blocks are the reference's); m from the setting's domino test when the
+    run has one. Each setting is a resumable stage."""
     options = config.repair_options()
     specs = [spec for spec in config.repair_specs() if len(groups.get(spec.method, {}).get("failure", [])) >= 2]
-    protects = {spec.key: replace(spec, bits=8) for spec in specs}
+    protects = {spec.key: replace(spec, bits=8) for spec in specs if isinstance(spec, QuantSpec)}
     for protect in protects.values():
         bank.ensure(protect)
-    bank.ensure_eora([key for spec in specs for key in (spec.key, protects[spec.key].key)], options.rank)
+    bank.ensure_eora([key for spec in specs for key in (spec.key, protects.get(spec.key, spec).key)], options.rank)
     tables = {}
     for spec in specs:
-        named, protect = groups[spec.method], protects[spec.key].key
+        named, protect = groups[spec.method], protects[spec.key].key if spec.key in protects else REFERENCE
         domino = sensitivity.get(spec.key, {}).get("domino")
         blocks = protected_blocks(loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks)
         rows = {name: named[name].tolist() for name in ("failure", "robust")}

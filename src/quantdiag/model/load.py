@@ -113,12 +113,12 @@ def weights_fingerprint(adapter: Adapter) -> str:
 def _hf_folder(source: str, trust_remote_code: bool) -> str:
     """A folder (or hub id) that ``from_pretrained`` reads; GGUF files are converted once."""
     if source == DEFAULT_MODEL:
-        return str(_converted_gguf(builtin_gguf()))
+        return str(converted_gguf(builtin_gguf()))
     path = Path(source).expanduser()
     if source.endswith(".gguf") or path.is_file():
         if not path.is_file():
             raise QuantdiagError(f"model file not found: {source}")
-        return str(_converted_gguf(path))
+        return str(converted_gguf(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise QuantdiagError(f"'{source}' is a folder without config.json: not a Hugging Face model")
@@ -132,7 +132,7 @@ def _hf_folder(source: str, trust_remote_code: bool) -> str:
     return source
 
 
-def _converted_gguf(path: Path) -> Path:
+def converted_gguf(path: Path) -> Path:
     """Dequantize a GGUF file into a cached safetensors folder (once per file version)."""
     with path.open("rb") as handle:
         if handle.read(4) != _GGUF_MAGIC:

@@ -1,6 +1,7 @@
 """WeightBank: the reference weights and the dequantized weights of every quantization setting of
-one model, each computed once and cached on disk as safetensors; ``apply(plan)`` swaps them into
-the one model in memory. Domino tests, protections and checkpoint comparisons are all plans."""
+one model (and of any user checkpoint compared with it), each computed once and cached on disk as
+safetensors; ``apply(plan)`` swaps them into the one model in memory. Domino tests, protections
+and checkpoint comparisons are all plans."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from torch import nn
 
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.calib import Calibration
+from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, checkpoint_weights
 from quantdiag.quant.gptq import gptq_dequantized
 from quantdiag.quant.rtn import rtn_dequantized
 from quantdiag.quant.eora import eora_weights
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bits, effective_group_size, eora_key, split_eora
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bits, effective_group_size, eora_key, is_checkpoint, split_eora
 from quantdiag.storage import atomic_file, cache_root
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class WeightBank:
 
     def __init__(self, loaded: LoadedModel, calibration: Calibration | None = None, cache_dir: Path | None = None):
         self.adapter = loaded.adapter
+        self.tokenizer = loaded.tokenizer
         self.calibration = calibration
         self.root = (cache_dir or cache_root()) / "weights" / loaded.fingerprint
         named = dict(loaded.model.named_modules())
@@ -41,9 +44,10 @@ class WeightBank:
         self._save(REFERENCE, {name: module.weight for name, module in self.modules.items()})
 
     def path(self, setting: str) -> Path:
-        """Cache file of a setting; GPTQ's and EoRA's depend on the calibration tokens too."""
+        """Cache file of a setting; GPTQ's and EoRA's depend on the calibration tokens too (a
+        checkpoint's key has its files' version in it)."""
         base, rank = split_eora(setting)
-        if base == REFERENCE or (QuantSpec.from_key(base).method == "rtn" and not rank):
+        if not rank and (base == REFERENCE or is_checkpoint(base) or QuantSpec.from_key(base).method == "rtn"):
             return self.root / f"{setting}.safetensors"
         if self.calibration is None:
             raise ValueError("GPTQ and EoRA settings need a calibration set")
@@ -52,12 +56,16 @@ class WeightBank:
     def has(self, setting: str) -> bool:
         return self.path(setting).is_file()
 
-    def ensure(self, spec: QuantSpec) -> None:
-        """Quantize ``spec`` unless it is cached; the model is left at the reference."""
+    def ensure(self, spec: ComparedSpec) -> None:
+        """Quantize ``spec`` (or read the checkpoint) unless it is cached; the model is left at
+        the reference."""
         if self.has(spec.key):
             return
         self.apply(PrecisionPlan.uniform(REFERENCE))
-        if spec.method == "rtn":
+        if isinstance(spec, CheckpointSpec):
+            weights = checkpoint_weights(spec, self.adapter.model.config, self.tokenizer, self.shapes)
+            weights = {name: weight.to(self.modules[name].weight.dtype) for name, weight in weights.items()}
+        elif spec.method == "rtn":
             weights = {name: self._rtn(module, spec) for name, module in self.modules.items()}
         else:
             weights = gptq_dequantized(self.adapter, self.calibration.ids, spec)

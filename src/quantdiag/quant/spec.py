@@ -15,6 +15,7 @@ REFERENCE = "reference"
 REFERENCE_BITS = 16
 _KEY = re.compile(r"^(?P<method>[a-z]+)-w(?P<bits>\d+)-g(?P<group>\d+)-(?P<sym>sym|asym)$")
 _EORA = re.compile(r"^(?P<base>.+)\+eora(?P<rank>\d+)$")
+_CHECKPOINT = re.compile(r"^ckpt-w(?P<bits>\d+)-")
 #: Bits of each number of a low-rank correction's factors (kept in 16-bit floats).
 LOW_RANK_BITS = 16
 
@@ -56,12 +57,25 @@ class QuantSpec:
     def label(self) -> str:
         return f"{self.method.upper()} {self.bits}-bit"
 
+    def defines_subsets(self, bits: int) -> bool:
+        """Whether this setting's failures define its method's Robust and Failure subsets."""
+        return self.bits == bits
+
     @classmethod
     def from_key(cls, key: str) -> QuantSpec:
         match = _KEY.match(key)
         if not match:
             raise QuantdiagError(f"not a quantization setting: '{key}'")
         return cls(match["method"], int(match["bits"]), int(match["group"]), match["sym"] == "sym")
+
+
+def checkpoint_key(bits: int, name: str, version: str) -> str:
+    """Setting key of a user's checkpoint: its nominal bits, a name and the files' version."""
+    return f"ckpt-w{bits}-{name}-{version}"
+
+
+def is_checkpoint(setting: str) -> bool:
+    return _CHECKPOINT.match(split_eora(setting)[0]) is not None
 
 
 def eora_key(setting: str, rank: int) -> str:
@@ -78,7 +92,10 @@ def split_eora(setting: str) -> tuple[str, int]:
 def setting_bits(setting: str) -> int:
     """Nominal bits of a setting key's weights (the reference counts as 16)."""
     base, _ = split_eora(setting)
-    return REFERENCE_BITS if base == REFERENCE else QuantSpec.from_key(base).bits
+    if base == REFERENCE:
+        return REFERENCE_BITS
+    checkpoint = _CHECKPOINT.match(base)
+    return int(checkpoint["bits"]) if checkpoint else QuantSpec.from_key(base).bits
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,190 @@
+"""A user's checkpoint as a compared setting: a GPTQ or AWQ Hugging Face folder (dequantized with
+GPTQModel's own kernels), a GGUF file (dequantized by transformers, as the reference can be) or a
+float folder of the same architecture. Only the block linears are read: the WeightBank swaps
+them into the reference model, as it does for quantdiag's own settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from quantdiag.errors import QuantdiagError
+from quantdiag.model.load import converted_gguf
+from quantdiag.quant.spec import REFERENCE_BITS, QuantSpec, checkpoint_key
+from quantdiag.storage import content_hash
+
+#: Parts of each quantized linear in a GPTQ or AWQ checkpoint.
+_PACKED = ("qweight", "qzeros", "scales")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """One checkpoint to compare: where it is, what format, its nominal bits. Its ``method`` is
+    its own name: its Robust and Failure subsets are its own."""
+
+    path: str
+    kind: str
+    bits: int
+    name: str
+    version: str  # changes when the files do: part of the cache key
+    quantization: Mapping | None = field(default=None, compare=False)  # its quantization_config
+
+    @property
+    def key(self) -> str:
+        return checkpoint_key(self.bits, self.method, self.version)
+
+    @property
+    def method(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") or "checkpoint"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.kind})" if self.kind == "float" else f"{self.name} ({self.kind.upper()} {self.bits}-bit)"
+
+    def defines_subsets(self, bits: int) -> bool:
+        """A checkpoint's failures define its own subsets, whatever its bits."""
+        return True
+
+
+#: What a run compares with its reference: one of quantdiag's settings, or a user's checkpoint.
+ComparedSpec = QuantSpec | CheckpointSpec
+
+
+@cache
+def inspect_checkpoint(source: str) -> CheckpointSpec:
+    """Find what ``source`` is (a .gguf file, or a folder with config.json) without reading weights."""
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise QuantdiagError(f"checkpoint not found: {source}")
+    version = content_hash(*sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _files(path)), length=8)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise QuantdiagError(f"checkpoint {source} is a file but not .gguf: give a GGUF file or a Hugging Face folder")
+        return CheckpointSpec(str(path), "gguf", _gguf_bits(path), path.stem, version)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QuantdiagError(f"checkpoint folder {source} has no config.json: not a Hugging Face model")
+    quantization = json.loads(config_file.read_text()).get("quantization_config")
+    if quantization is None:
+        return CheckpointSpec(str(path), "float", REFERENCE_BITS, path.name, version)
+    method = str(quantization.get("quant_method", "")).lower()
+    if method not in ("gptq", "awq"):
+        raise QuantdiagError(f"checkpoint {source} is quantized with '{method}': quantdiag reads GPTQ, AWQ, GGUF and float checkpoints")
+    bits = int(quantization.get("bits", quantization.get("w_bit", 0)))
+    if not 2 <= bits <= 8:
+        raise QuantdiagError(f"checkpoint {source}: its quantization_config gives {bits} bits, not 2..8")
+    return CheckpointSpec(str(path), method, bits, path.name, version, quantization)
+
+
+def _files(path: Path) -> Iterator[Path]:
+    return iter([path]) if path.is_file() else (p for p in path.iterdir() if p.is_file())
+
+
+def _gguf_bits(path: Path) -> int:
+    """Nominal bits of the most common type among the file's 2-D tensors (Q4_K -> 4, F16 -> 16)."""
+    from gguf import GGUFReader
+
+    types = [tensor.tensor_type.name for tensor in GGUFReader(str(path)).tensors if len(tensor.shape) == 2]
+    common = max(set(types), key=types.count) if types else "F32"
+    match = re.search(r"Q(\d)", common)
+    return int(match[1]) if match else REFERENCE_BITS
+
+
+def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """The checkpoint's float weight of every linear in ``shapes`` (module name -> shape of the
+    reference's), after checking that architecture, shapes and tokenizer match the reference's."""
+    folder = converted_gguf(Path(spec.path)) if spec.kind == "gguf" else Path(spec.path)
+    _check_architecture(spec, folder, config)
+    _check_tokenizer(spec, folder, tokenizer)
+    tensors = _tensor_files(folder)
+    if spec.kind in ("gptq", "awq"):
+        weights = {name: _dequantized(spec, name, shape, tensors) for name, shape in shapes.items()}
+    else:
+        weights = {name: _read(tensors, f"{name}.weight", spec).float() for name in shapes}
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise QuantdiagError(f"checkpoint {spec.name}: {name} has shape {tuple(weights[name].shape)}, the reference's is {tuple(shape)}")
+    return weights
+
+
+def _check_architecture(spec: CheckpointSpec, folder: Path, config: PretrainedConfig) -> None:
+    theirs = json.loads((folder / "config.json").read_text())
+    for field in ("model_type", "num_hidden_layers", "hidden_size"):
+        if theirs.get(field) != getattr(config, field, None):
+            raise QuantdiagError(
+                f"checkpoint {spec.name} does not match the reference: {field} is {theirs.get(field)}, the reference's is {getattr(config, field, None)}"
+            )
+
+
+def _check_tokenizer(spec: CheckpointSpec, folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Same vocabulary as the reference, when the checkpoint ships a tokenizer."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return
+    try:
+        theirs = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise QuantdiagError(f"checkpoint {spec.name}: cannot read its tokenizer ({exc})") from exc
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise QuantdiagError(f"checkpoint {spec.name} has a different tokenizer from the reference's ({len(theirs)} vs {len(tokenizer)} tokens)")
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise QuantdiagError(f"no .safetensors files in {folder}: quantdiag reads safetensors checkpoints")
+    index = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), file))
+    return index
+
+
+def _read(tensors: dict[str, Path], name: str, spec: CheckpointSpec) -> torch.Tensor:
+    if name not in tensors:
+        raise QuantdiagError(f"checkpoint {spec.name} has no tensor {name}: not the reference's architecture")
+    with safe_open(str(tensors[name]), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def _dequantized(spec: CheckpointSpec, name: str, shape: tuple[int, int], tensors: dict[str, Path]) -> torch.Tensor:
+    """One packed linear back to float (out x in), by GPTQModel's GPTQ or AWQ kernels."""
+    quantization = spec.quantization or {}
+    group_size = int(quantization.get("group_size", quantization.get("q_group_size", -1)))
+    group_size = shape[1] if group_size <= 0 else group_size
+    packed = {part: _read(tensors, f"{name}.{part}", spec) for part in _PACKED}
+    if spec.kind == "awq":
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+        return dequantize_gemm(packed["qweight"], packed["qzeros"], packed["scales"], spec.bits, group_size).T.float()
+    g_idx = f"{name}.g_idx"
+    packed["g_idx"] = _read(tensors, g_idx, spec) if g_idx in tensors else torch.arange(shape[1], dtype=torch.int32) // group_size
+    return _gptq_dequantized(spec, packed, shape, group_size)
+
+
+def _gptq_dequantized(spec: CheckpointSpec, packed: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int) -> torch.Tensor:
+    """GPTQModel's torch kernel, given the checkpoint's buffers; v1 checkpoints (zeros stored
+    minus one, GPTQ's original format) are converted to the v2 the kernel computes with."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+    quantization = spec.quantization or {}
+    sym, desc_act = bool(quantization.get("sym", True)), bool(quantization.get("desc_act", False))
+    module = TorchLinear(bits=spec.bits, group_size=group_size, sym=sym, desc_act=desc_act, in_features=shape[1], out_features=shape[0], register_buffers=True)
+    for part, tensor in packed.items():
+        getattr(module, part).data = tensor
+    if quantization.get("checkpoint_format", quantization.get("format", "gptq")) == "gptq":
+        module.qzero_format(format=1)
+        convert_gptq_v1_to_v2_format_module(module, bits=spec.bits, pack_dtype=torch.int32)
+    module.eval()
+    return module.dequantize_weight().T.float()
