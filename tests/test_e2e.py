@@ -1,7 +1,9 @@
-"""End to end on the built-in SmolLM2 with the quick preset: RTN and GPTQ at 4 and 2 bits, then
-``quantdiag patch`` on the finished run (residual patching, 4 prompts a subset, then components
-and representations), ``quantdiag sensitivity`` at 2 bits and ``quantdiag repair`` at 4 and 2 bits
-(3 blocks protected: the 4-bit domino test that would choose m is not run here, to save time).
+"""End to end on the built-in SmolLM2 with the quick preset (recall, lens, components and
+representations): RTN and GPTQ at 4 and 2 bits and their verdicts, then ``quantdiag patch`` on the
+finished run (residual patching, 4 prompts a subset), ``quantdiag sensitivity`` at 2 bits and
+``quantdiag repair`` at 4 and 2 bits (3 blocks protected: the 4-bit domino test that would choose
+m is not run here, to save time), the report in headless Chromium, and ``quantdiag diagnose`` on
+a GGUF file.
 
 Uses the user's quantdiag cache (content-keyed, so sharing it is safe): the first run on a fresh
 machine converts the GGUF, generates calibration text and quantizes (a few minutes); reruns reuse it.
@@ -11,14 +13,18 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import needs_chromium, open_report
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 from typer.testing import CliRunner
 
 from quantdiag.analysis.effects import early_last_subject, from_json
 from quantdiag.cli import app
 from quantdiag.config import RunConfig
+from quantdiag.model.load import builtin_gguf
 from quantdiag.pipeline import run
 
 pytestmark = pytest.mark.e2e
@@ -76,6 +82,18 @@ def test_report_and_lens_per_subset(quick_run):
         assert (report.parent / "figures" / f"{name}.svg").is_file()
 
 
+def test_quick_verdicts_4_bit_is_not_collapse_2_bit_is(quick_run):
+    """The issue's acceptance: on the quick preset GPTQ 4-bit is Healthy or Signal Degradation
+    and RTN 2-bit is Computation Collapse; the report opens with their cards."""
+    _, report, results = quick_run
+    four, two = (_setting(results, label)["verdict"] for label in ("GPTQ 4-bit", "RTN 2-bit"))
+    assert four["verdict"] in ("healthy", "degradation"), four
+    assert two["verdict"] == "collapse" and two["confidence_level"] in ("medium", "high"), two
+    assert len(two["signatures"]) == 7 and two["first_damaged_block"] is not None
+    html = report.read_text()
+    assert html.index("Computation Collapse") < html.index("Performance cliff")
+
+
 def test_a_rerun_resumes_from_finished_stages(quick_run):
     config, report, results = quick_run
     stages = {p: p.stat().st_mtime_ns for p in (report.parent / "stages").iterdir()}
@@ -90,9 +108,8 @@ def test_a_rerun_resumes_from_finished_stages(quick_run):
 def patched_run(quick_run):
     _, report, _ = quick_run
     args = ["patch", str(report.parent), "--analyses", "patching", "--streams", "resid", "--patch-prompts", "4"]
-    for extra in (args, ["patch", str(report.parent), "--analyses", "components,representations"]):
-        result = CliRunner().invoke(app, extra)
-        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
     return report, json.loads((report.parent / "results.json").read_text())
 
 
@@ -124,7 +141,7 @@ def test_2_bit_components_are_worse_than_4_bit(patched_run):
     """METHODS 4: at most layers the 2-bit gates flip more signs and the MLP outputs point further
     from the reference's than at 4-bit (Failure subset); patching stays in the results."""
     report, results = patched_run
-    assert results["config"]["analyses"] == ["patching", "components", "representations"]
+    assert results["config"]["analyses"] == ["components", "representations", "patching"]
     assert "Components, GPTQ, Failure subset" in report.read_text()
     for method in ("RTN", "GPTQ"):
         key = f"{method.lower()}:failure"
@@ -171,6 +188,17 @@ def test_2_bit_damage_starts_at_the_source(repaired_run):
         assert cosine[-1, -1] > 0.99 and cosine[0, -1] < cosine[len(cosine) // 2, -1] < cosine[-1, -1], method
 
 
+@needs_chromium
+def test_the_full_report_opens_cleanly_in_chromium(repaired_run):
+    """Every section kind (lens, causal, components, representations, sensitivity, repairs) in a
+    real browser: no console errors, every figure loaded, one card per setting."""
+    report, results = repaired_run
+    errors, page = open_report(report, report.with_suffix(".png"))
+    figures = len(list((report.parent / "figures").glob("*.png")))
+    assert errors == [] and page["broken"] == [] and page["images"] == figures >= 15
+    assert page["cards"] == len(results["settings"]) - 1
+
+
 def test_repairs_help_4_bit_not_2_bit(repaired_run):
     """The paper's Table 1: early protection and EoRA recover Failure-subset answers at 4-bit
     (whose baseline there is 0 by definition); at 2-bit no repair comes close to the reference's
@@ -183,3 +211,41 @@ def test_repairs_help_4_bit_not_2_bit(repaired_run):
         assert four["early"]["failure"] > 0 and four["eora"]["failure"] > 0, (method, four)
         two = _setting(results, f"{method} 2-bit")["repairs"]["rows"]
         assert max(row["failure"] for row in two) < 0.5 and max(row["robust"] for row in two) < 0.5, (method, two)
+
+
+def _requantized_gguf(source: Path, target: Path, qtype: GGMLQuantizationType) -> None:
+    """A copy of a GGUF file with every block's 2-D weights requantized to ``qtype`` (metadata and
+    the other tensors as they are), written with gguf-py."""
+    reader = GGUFReader(str(source))
+    writer = GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name != "general.architecture" and not field.name.startswith("GGUF."):
+            value_type = field.types[0]
+            writer.add_key_value(field.name, field.contents(), value_type, sub_type=field.types[-1] if value_type == GGUFValueType.ARRAY else None)
+    tensors = []
+    for tensor in reader.tensors:
+        data, kind = tensor.data, tensor.tensor_type
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            data, kind = quants.quantize(quants.dequantize(tensor.data, tensor.tensor_type), qtype), qtype
+        tensors.append((tensor.name, data, kind))
+        writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, data, _ in tensors:
+        writer.write_tensor_data(data)
+    writer.close()
+
+
+def test_diagnose_a_gguf_file(tmp_path):
+    """SmolLM2 requantized from Q4_1 to Q4_0 as a GGUF file: read, dequantized by transformers,
+    judged against the built-in reference; not a collapse, and not the same weights."""
+    checkpoint = tmp_path / "smollm2-q4_0.gguf"
+    _requantized_gguf(builtin_gguf(), checkpoint, GGMLQuantizationType.Q4_0)
+    args = ["diagnose", "--compare", str(checkpoint), "--preset", "quick", "--relations", ",".join(KNOWN_RELATIONS), "--facts", "30", "--out", str(tmp_path / "run"), "--device", "cpu", "--json"]
+    result = CliRunner().invoke(app, args)
+    model = json.loads(result.stdout)["models"][0]
+    assert model["label"] == "smollm2-q4_0 (GGUF 4-bit)"
+    assert result.exit_code in (0, 3) and model["verdict"]["verdict"] in ("healthy", "degradation"), model
+    flips = next(row for row in model["verdict"]["signatures"] if row["name"] == "sign_flip")
+    assert 0 < flips["value"] < 0.25

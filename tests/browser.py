@@ -1,0 +1,43 @@
+"""Open a report in headless Chromium (Debian's chromium and chromium-driver) through selenium:
+what the page logged to the console, whether every figure loaded, and a screenshot."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs headless Chromium: apt install chromium chromium-driver (.ci/run installs them)",
+)
+#: Flags for a sandboxed machine with no network: without the networking ones Chromium keeps
+#: trying to reach Google's hosts.
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--window-size=1280,2000")
+
+
+def open_report(report: Path, screenshot: Path) -> tuple[list[dict], dict]:
+    """Console entries of SEVERE level, and {"images": n, "broken": [alt texts], "cards": n}."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        driver.get(report.resolve().as_uri())
+        page = driver.execute_script(
+            "const images = [...document.images];"
+            "return {images: images.length, broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),"
+            " cards: document.querySelectorAll('section.card').length};"
+        )
+        driver.save_screenshot(str(screenshot))
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    return errors, page
