@@ -2,8 +2,9 @@
 
 ``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2): recall, the logit
 lens, and the component and representation metrics, enough for a verdict; ``full`` is the default
-diagnosis, adding cross-model patching, zero ablation, the sensitivity maps and the repairs. The calibration set defaults to 16 x 256 tokens, enough for small models
-on a CPU; for a paper-scale run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
+diagnosis, adding cross-model patching, zero ablation, the sensitivity maps and the repairs. The
+calibration set defaults to 16 x 256 tokens, enough for small models on a CPU; for a paper-scale
+run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 """
 
 from __future__ import annotations

@@ -312,13 +312,14 @@ def repair_effects(
     run has one. Each setting is a resumable stage."""
     options = config.repair_options()
     specs = [spec for spec in config.repair_specs() if len(groups.get(spec.method, {}).get("failure", [])) >= 2]
-    protects = {spec.key: replace(spec, bits=8) for spec in specs if isinstance(spec, QuantSpec)}
-    for protect in protects.values():
-        bank.ensure(protect)
-    bank.ensure_eora([key for spec in specs for key in (spec.key, protects.get(spec.key, spec).key)], options.rank)
+    protects = {spec.key: _protect(spec) for spec in specs}
+    for spec in specs:
+        if isinstance(spec, QuantSpec):
+            bank.ensure(replace(spec, bits=8))
+    bank.ensure_eora([key for spec in specs for key in (spec.key, protects[spec.key]) if key != REFERENCE], options.rank)
     tables = {}
     for spec in specs:
-        named, protect = groups[spec.method], protects[spec.key].key if spec.key in protects else REFERENCE
+        named, protect = groups[spec.method], protects[spec.key]
         domino = sensitivity.get(spec.key, {}).get("domino")
         blocks = protected_blocks(loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks)
         rows = {name: named[name].tolist() for name in ("failure", "robust")}
@@ -327,6 +328,11 @@ def repair_effects(
         compute = partial(repair_arrays, loaded, bank, spec.key, protect, failure, robust, blocks, options, config.batch_size)
         tables[spec.key] = run_dir.cached(f"repairs-{spec.key}", key, compute)
     return tables
+
+
+def _protect(spec: ComparedSpec) -> str:
+    """The setting protected blocks get: the method's 8-bit, or a checkpoint's reference."""
+    return replace(spec, bits=8).key if isinstance(spec, QuantSpec) else REFERENCE
 
 
 def _arrays(reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact], analyses: Analyses) -> dict[str, np.ndarray]:

@@ -75,6 +75,7 @@ def checkpoint_key(bits: int, name: str, version: str) -> str:
 
 
 def is_checkpoint(setting: str) -> bool:
+    """Whether a setting key (EoRA-compensated or not) is a user's checkpoint."""
     return _CHECKPOINT.match(split_eora(setting)[0]) is not None
 
 

@@ -22,6 +22,8 @@ _LENS_SURFACED, _LENS_GAP = 100, 10
 
 @dataclass(frozen=True)
 class Decision:
+    """A verdict and its confidence."""
+
     label: str
     confidence: float | None  # None for Inconclusive
 
@@ -31,17 +33,22 @@ def decide(retention: float, measured: list[Measured]) -> Decision:
     collapse = sum(BY_NAME[m.name].votes_collapse(m.value) for m in measured)
     total = len(measured)
     intact = total - collapse
-    coverage = min(1.0, total / FULL_EVIDENCE)
     if total >= MIN_SIGNATURES and collapse / total >= MAJORITY:
-        return Decision(COLLAPSE, round(collapse / total * coverage, 3))
+        return Decision(COLLAPSE, _confidence(collapse, total))
     if retention >= HEALTHY_RETENTION:  # accuracy counts as one more intact vote
-        return Decision(HEALTHY, round((intact + 1) / (total + 1) * min(1.0, (total + 1) / FULL_EVIDENCE), 3))
+        return Decision(HEALTHY, _confidence(intact + 1, total + 1))
     if total >= MIN_SIGNATURES and intact / total >= MAJORITY:
-        return Decision(DEGRADATION, round(intact / total * coverage, 3))
+        return Decision(DEGRADATION, _confidence(intact, total))
     return Decision(INCONCLUSIVE, None)
 
 
+def _confidence(agreeing: int, total: int) -> float:
+    """The agreeing share, scaled down when fewer than ``FULL_EVIDENCE`` votes were cast."""
+    return round(agreeing / total * min(1.0, total / FULL_EVIDENCE), 3)
+
+
 def confidence_level(confidence: float | None) -> str | None:
+    """"high", "medium" or "low" (``CONFIDENCE_LEVELS``); ``None`` for Inconclusive."""
     if confidence is None:
         return None
     return next(level for bound, level in CONFIDENCE_LEVELS if confidence >= bound)
