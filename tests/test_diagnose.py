@@ -129,15 +129,14 @@ def test_diagnose_reads_a_gptq_checkpoint(reference, gptq_checkpoint, tmp_path):
     assert diagnosis.models[0]["verdict"]["verdict"] in ("healthy", "degradation", "collapse", "inconclusive")
 
 
-def test_an_awq_checkpoint_is_dequantized_exactly(reference, tmp_path):
-    """Codes packed with GPTQModel's AWQ packer come back as (code - zero) x scale."""
+def _awq_checkpoint(reference, folder, shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """An AWQ folder of random 4-bit codes for every linear of ``shapes``, packed with
+    GPTQModel's AWQ packer; returns the weights it stands for, (code - zero) x scale."""
     from gptqmodel.quantization.awq.utils.packing_utils import pack_awq
 
-    loaded = load_reference(str(reference / "reference"), device="cpu")
-    bank = WeightBank(loaded)
     generator = torch.Generator().manual_seed(0)
     tensors, expected = {}, {}
-    for name, (out_features, in_features) in bank.shapes.items():
+    for name, (out_features, in_features) in shapes.items():
         codes = torch.randint(0, 16, (in_features, out_features), generator=generator)
         zeros = torch.randint(0, 16, (in_features // GROUP, out_features), generator=generator)
         scales = (torch.rand(in_features // GROUP, out_features, generator=generator) / 100).half()
@@ -145,13 +144,18 @@ def test_an_awq_checkpoint_is_dequantized_exactly(reference, tmp_path):
         tensors |= {f"{name}.qweight": qweight, f"{name}.qzeros": qzeros, f"{name}.scales": scales}
         rows = torch.arange(in_features) // GROUP
         expected[name] = ((codes - zeros[rows]) * scales[rows].float()).T
-    folder = tmp_path / "awq"
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
     config = json.loads((reference / "reference" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm", "zero_point": True}
     (folder / "config.json").write_text(json.dumps(config))
-    spec = inspect_checkpoint(str(folder))
+    return expected
+
+
+def test_an_awq_checkpoint_is_dequantized_exactly(reference, tmp_path):
+    bank = WeightBank(load_reference(str(reference / "reference"), device="cpu"))
+    expected = _awq_checkpoint(reference, tmp_path / "awq", bank.shapes)
+    spec = inspect_checkpoint(str(tmp_path / "awq"))
     bank.ensure(spec)
     bank.apply(PrecisionPlan.uniform(spec.key))
     for name, module in bank.modules.items():
@@ -181,6 +185,11 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(reference, tmp_path):
     model.save_pretrained(tmp_path / "retokenized")
     tokenizer.save_pretrained(tmp_path / "retokenized")
     assert "different tokenizer" in _checkpoint_error(reference, tmp_path / "retokenized")
+
+    bank = WeightBank(load_reference(str(reference / "reference"), device="cpu"))
+    shapes = bank.shapes | {"model.layers.0.mlp.down_proj": (64, 96)}
+    _awq_checkpoint(reference, tmp_path / "awq-wider", shapes)
+    assert "down_proj has scales of shape (3, 64), the reference's layer needs (4, 64)" in _checkpoint_error(reference, tmp_path / "awq-wider")
 
 
 @pytest.mark.parametrize(

@@ -117,11 +117,12 @@ def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer
 
 
 def _check_architecture(spec: CheckpointSpec, folder: Path, config: PretrainedConfig) -> None:
+    """Same model type, depth and width as the reference (the config.json of the checkpoint)."""
     theirs = json.loads((folder / "config.json").read_text())
-    for field in ("model_type", "num_hidden_layers", "hidden_size"):
-        if theirs.get(field) != getattr(config, field, None):
+    for key in ("model_type", "num_hidden_layers", "hidden_size"):
+        if theirs.get(key) != getattr(config, key, None):
             raise QuantdiagError(
-                f"checkpoint {spec.name} does not match the reference: {field} is {theirs.get(field)}, the reference's is {getattr(config, field, None)}"
+                f"checkpoint {spec.name} does not match the reference: {key} is {theirs.get(key)}, the reference's is {getattr(config, key, None)}"
             )
 
 
@@ -162,6 +163,9 @@ def _dequantized(spec: CheckpointSpec, name: str, shape: tuple[int, int], tensor
     group_size = int(quantization.get("group_size", quantization.get("q_group_size", -1)))
     group_size = shape[1] if group_size <= 0 else group_size
     packed = {part: _read(tensors, f"{name}.{part}", spec) for part in _PACKED}
+    groups = -(-shape[1] // group_size)
+    if tuple(packed["scales"].shape) != (groups, shape[0]):
+        raise QuantdiagError(f"checkpoint {spec.name}: {name} has scales of shape {tuple(packed['scales'].shape)}, the reference's layer needs {(groups, shape[0])}")
     if spec.kind == "awq":
         from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
