@@ -15,6 +15,9 @@ needs_chromium = pytest.mark.skipif(
 )
 #: Flags for a sandboxed machine with no network: without the networking ones Chromium keeps
 #: trying to reach Google's hosts.
+#: A report of tens of embedded figures can take a while to parse on a busy 2-core machine.
+LOAD_SECONDS = 120
+LOADED = "return document.readyState === 'complete' && [...document.images].every(i => i.complete);"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--window-size=1280,2000")
 
 
@@ -22,6 +25,7 @@ def open_report(report: Path, screenshot: Path) -> tuple[list[dict], dict]:
     """Console entries of SEVERE level, and {"images": n, "broken": [alt texts], "cards": n}."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -31,6 +35,7 @@ def open_report(report: Path, screenshot: Path) -> tuple[list[dict], dict]:
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
         driver.get(report.resolve().as_uri())
+        WebDriverWait(driver, LOAD_SECONDS).until(lambda d: d.execute_script(LOADED))
         page = driver.execute_script(
             "const images = [...document.images];"
             "return {images: images.length, broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),"
