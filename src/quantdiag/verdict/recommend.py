@@ -54,6 +54,7 @@ def recommend(results: dict, setting: dict, label: str, retention: float, block:
 
 
 def _degradation(outcomes: list[dict]) -> dict:
+    """The cheapest repair that worked; else the best one tried; else: try the repairs."""
     worked = sorted((row for row in outcomes if row["gain"] >= REPAIR_GAIN), key=lambda row: row["average_bits"])
     if worked:
         row = worked[0]
@@ -74,6 +75,7 @@ def _degradation(outcomes: list[dict]) -> dict:
 
 
 def _collapse(results: dict, setting: dict, outcomes: list[dict], block: int | None) -> dict:
+    """That training-free repairs failed (the best one's numbers), and what is needed instead."""
     if outcomes:
         best = max(outcomes, key=lambda row: (row["failure"], -row["average_bits"]))
         failed = (
@@ -86,10 +88,11 @@ def _collapse(results: dict, setting: dict, outcomes: list[dict], block: int | N
 
 
 def _more_bits(results: dict, setting: dict, block: int | None) -> str:
-    layers = results["model"]["n_layers"]
+    """Where more bits are needed: the blocks signal injection names, else up to the first
+    damaged block."""
     needed = injection_blocks(results, setting)
-    if needed is not None and needed < layers:
+    if not needed:
+        return "more bits in the early blocks" if block is None else f"more bits in blocks 0-{block}, where the damage starts"
+    if needed < results["model"]["n_layers"]:
         return f"more bits in blocks 0-{needed - 1} (at reference precision they bring back {INJECTION_RECOVERY:.0%} of the Failure subset)"
-    if needed is not None:
-        return "more bits throughout: no shorter run of leading blocks at reference precision brought the answers back"
-    return "more bits in the early blocks" if block is None else f"more bits in blocks 0-{block}, where the damage starts"
+    return "more bits throughout: no shorter run of leading blocks at reference precision brought the answers back"
