@@ -75,6 +75,23 @@ class Analyses:
     repairs: dict[str, dict[str, np.ndarray]]  # setting -> repair table
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of a run works with: where results go, the model, its weight bank, the
+    prompts and the configuration."""
+
+    run_dir: RunDir
+    loaded: LoadedModel
+    bank: WeightBank
+    prompts: PromptSet
+    config: RunConfig
+
+    def stage_key(self, settings: str | list[str], *parts) -> str:
+        """A stage's cache key: the model, the weight files of ``settings``, the prompts, ``parts``."""
+        names = self.bank.path(settings).name if isinstance(settings, str) else [self.bank.path(s).name for s in settings]
+        return content_hash(self.loaded.fingerprint, names, self.prompts.digest, *parts)
+
+
 def run(config: RunConfig) -> Path:
     """Run the diagnosis described by ``config``; returns the report's path."""
     config = config.resolved()
@@ -93,16 +110,15 @@ def run(config: RunConfig) -> Path:
         bank.ensure(spec)
     run_dir = RunDir(Path(config.out))
     run_dir.write_json("config.json", config.to_json())
-    reference = evaluate(run_dir, loaded, bank, prompts, None, config.batch_size, np.ones(len(facts), dtype=bool))
-    evaluated = [
-        evaluate(run_dir, loaded, bank, prompts, spec, config.batch_size, reference.scores.correct) for spec in specs
-    ]
+    context = RunContext(run_dir, loaded, bank, prompts, config)
+    reference = evaluate(context, None, np.ones(len(facts), dtype=bool))
+    evaluated = [evaluate(context, spec, reference.scores.correct) for spec in specs]
     groups = method_subsets(reference, evaluated, config.subset_bits)
-    causal = causal_effects(run_dir, loaded, bank, prompts, config, groups)
-    components = component_effects(run_dir, loaded, bank, prompts, config, reference) if "components" in config.analyses else {}
-    representations = representation_effects(run_dir, loaded, bank, prompts, config, groups) if "representations" in config.analyses else {}
-    sensitivity, injection = sensitivity_effects(run_dir, loaded, bank, prompts, config, groups)
-    repairs = repair_effects(run_dir, loaded, bank, prompts, config, groups, sensitivity)
+    causal = causal_effects(context, groups)
+    components = component_effects(context, reference) if "components" in config.analyses else {}
+    representations = representation_effects(context, groups) if "representations" in config.analyses else {}
+    sensitivity, injection = sensitivity_effects(context, groups)
+    repairs = repair_effects(context, groups, sensitivity)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     analyses = Analyses(causal, components, representations, sensitivity, injection, repairs)
     results = build_results(config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, analyses)
@@ -141,18 +157,10 @@ def build_prompts(loaded: LoadedModel, facts: list[Fact], config: RunConfig) -> 
     return PromptSet(primary, robustness)
 
 
-def evaluate(
-    run_dir: RunDir,
-    loaded: LoadedModel,
-    bank: WeightBank,
-    prompts: PromptSet,
-    spec: ComparedSpec | None,
-    batch_size: int,
-    lens_rows: np.ndarray,
-) -> Evaluated:
+def evaluate(context: RunContext, spec: ComparedSpec | None, lens_rows: np.ndarray) -> Evaluated:
     """Scores of one uniform setting (``None``: the reference), from the stage cache if finished."""
+    loaded, bank, prompts, batch_size = context.loaded, context.bank, context.prompts, context.config.batch_size
     setting = REFERENCE if spec is None else spec.key
-    key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, lens_rows.tobytes().hex())
 
     def compute() -> dict[str, np.ndarray]:
         bank.apply(PrecisionPlan.uniform(setting))
@@ -161,7 +169,7 @@ def evaluate(
         robust = score_prompts(loaded, prompts.robustness, batch_size, desc=f"robustness {label}")
         return {**main.arrays(), **robust.arrays("robustness/")}
 
-    arrays = run_dir.cached(f"eval-{setting}", key, compute)
+    arrays = context.run_dir.cached(f"eval-{setting}", context.stage_key(setting, lens_rows.tobytes().hex()), compute)
     return Evaluated(setting, spec, Scores.from_arrays(arrays), Scores.from_arrays(arrays, "robustness/"))
 
 
@@ -173,18 +181,12 @@ def method_subsets(reference: Evaluated, evaluated: list[Evaluated], bits: int) 
     }
 
 
-def causal_effects(
-    run_dir: RunDir,
-    loaded: LoadedModel,
-    bank: WeightBank,
-    prompts: PromptSet,
-    config: RunConfig,
-    groups: dict[str, dict[str, np.ndarray]],
-) -> dict[str, dict[str, np.ndarray]]:
+def causal_effects(context: RunContext, groups: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
     """Setting -> causal arrays (``causal.causal_arrays``) on a seeded sample of
     ``patch_prompts`` prompts of each non-empty subset, ``{method}:{subset}``; the reference gets
     every method's subsets. Each setting is a resumable stage."""
-    order = np.random.default_rng(config.seed).permutation(len(prompts.primary))
+    config = context.config
+    order = np.random.default_rng(config.seed).permutation(len(context.prompts.primary))
     chosen = {
         f"{method}:{name}": np.sort(order[np.isin(order, rows)][: config.patch_prompts])
         for method, named in groups.items()
@@ -194,48 +196,36 @@ def causal_effects(
     plan = CausalPlan(tuple(a for a in config.analyses if a in CAUSAL_ANALYSES), config.streams, config.window)
 
     def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
-        return causal_arrays(loaded, bank, setting, subset_prompts, plan, config.batch_size)
+        return causal_arrays(context.loaded, context.bank, setting, subset_prompts, plan, config.batch_size)
 
     specs = [spec for spec in config.causal_specs() if plan.sweeps(spec.key)]
-    return _subset_stages(run_dir, loaded, bank, prompts, chosen, specs, "causal", analysis, bool(plan.sweeps(REFERENCE)), (asdict(plan),))
+    return _subset_stages(context, chosen, specs, "causal", analysis, bool(plan.sweeps(REFERENCE)), (asdict(plan),))
 
 
-def component_effects(
-    run_dir: RunDir, loaded: LoadedModel, bank: WeightBank, prompts: PromptSet, config: RunConfig, reference: Evaluated
-) -> dict[str, np.ndarray]:
+def component_effects(context: RunContext, reference: Evaluated) -> dict[str, np.ndarray]:
     """Component metrics (``components.component_arrays``) of every setting on the facts the
     reference recalls (the Robust and Failure subsets are among them), plus ``rows``: which."""
     rows = np.flatnonzero(reference.scores.correct)
-    settings = [spec.key for spec in config.specs()]
-    key = content_hash(loaded.fingerprint, [bank.path(s).name for s in settings], prompts.digest, rows.tolist())
-    compute = partial(component_arrays, loaded, bank, settings, [prompts.primary[i] for i in rows], config.batch_size)
-    return run_dir.cached("components", key, compute) | {"rows": rows}
+    settings = [spec.key for spec in context.config.specs()]
+    prompts = [context.prompts.primary[i] for i in rows]
+    compute = partial(component_arrays, context.loaded, context.bank, settings, prompts, context.config.batch_size)
+    return context.run_dir.cached("components", context.stage_key(settings, rows.tolist()), compute) | {"rows": rows}
 
 
-def representation_effects(
-    run_dir: RunDir,
-    loaded: LoadedModel,
-    bank: WeightBank,
-    prompts: PromptSet,
-    config: RunConfig,
-    groups: dict[str, dict[str, np.ndarray]],
-) -> dict[str, dict[str, np.ndarray]]:
+def representation_effects(context: RunContext, groups: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
     """Setting -> representation arrays (``representations.representation_arrays``) on every
     prompt of each non-empty subset of its method; the reference gets its own CKA on every
     method's subsets. Each setting is a resumable stage."""
     chosen = {f"{method}:{name}": rows for method, named in groups.items() for name, rows in named.items() if len(rows)}
 
     def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
-        return representation_arrays(loaded, bank, setting, subset_prompts, config.batch_size, run_dir.stages)
+        return representation_arrays(context.loaded, context.bank, setting, subset_prompts, context.config.batch_size, context.run_dir.stages)
 
-    return _subset_stages(run_dir, loaded, bank, prompts, chosen, config.specs(), "representations", analysis)
+    return _subset_stages(context, chosen, context.config.specs(), "representations", analysis)
 
 
 def _subset_stages(
-    run_dir: RunDir,
-    loaded: LoadedModel,
-    bank: WeightBank,
-    prompts: PromptSet,
+    context: RunContext,
     chosen: dict[str, np.ndarray],
     specs: list[ComparedSpec],
     stage: str,
@@ -252,9 +242,8 @@ def _subset_stages(
         if not names:
             continue
         rows = {name: chosen[name].tolist() for name in names}
-        key = content_hash(loaded.fingerprint, bank.path(setting).name, prompts.digest, rows, *key_parts)
-        subset_prompts = {name: [prompts.primary[i] for i in picked] for name, picked in rows.items()}
-        arrays = run_dir.cached(f"{stage}-{setting}", key, partial(analysis, setting, subset_prompts))
+        subset_prompts = {name: [context.prompts.primary[i] for i in picked] for name, picked in rows.items()}
+        arrays = context.run_dir.cached(f"{stage}-{setting}", context.stage_key(setting, rows, *key_parts), partial(analysis, setting, subset_prompts))
         effects[setting] = arrays | {f"{name}/rows": np.array(picked) for name, picked in rows.items()}
     return effects
 
@@ -265,51 +254,41 @@ def _targets(subsets: list[str], specs: list[ComparedSpec]) -> list[tuple[str, l
 
 
 def sensitivity_effects(
-    run_dir: RunDir,
-    loaded: LoadedModel,
-    bank: WeightBank,
-    prompts: PromptSet,
-    config: RunConfig,
-    groups: dict[str, dict[str, np.ndarray]],
+    context: RunContext, groups: dict[str, dict[str, np.ndarray]]
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """Setting -> sensitivity arrays (``sensitivity.sensitivity_arrays``) on its method's Robust
     and Failure prompts, with ``rows`` and the ``failure`` mask; method -> signal injection into
     its 2-bit setting from the reference, 8-bit and 4-bit (those in the run), on its Failure
     prompts (when the run has sensitivity maps). Each is a resumable stage."""
+    loaded, bank, config, primary = context.loaded, context.bank, context.config, context.prompts.primary
     effects, injection = {}, {}
     for spec in config.sensitivity_specs():
         named = groups.get(spec.method)
         rows = np.sort(np.concatenate([named["robust"], named["failure"]])) if named else np.array([], dtype=int)
         if not len(rows):
             continue
-        key = content_hash(loaded.fingerprint, bank.path(spec.key).name, prompts.digest, rows.tolist())
-        compute = partial(sensitivity_arrays, loaded, bank, spec.key, [prompts.primary[i] for i in rows], config.batch_size)
-        effects[spec.key] = run_dir.cached(f"sensitivity-{spec.key}", key, compute) | {"rows": rows, "failure": np.isin(rows, named["failure"])}
+        compute = partial(sensitivity_arrays, loaded, bank, spec.key, [primary[i] for i in rows], config.batch_size)
+        arrays = context.run_dir.cached(f"sensitivity-{spec.key}", context.stage_key(spec.key, rows.tolist()), compute)
+        effects[spec.key] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
     for method, named in groups.items():
         by_bits = {spec.bits: spec.key for spec in config.specs() if spec.method == method}
         if "sensitivity" not in config.analyses or 2 not in by_bits or not len(named["failure"]):
             continue
         highs = [REFERENCE] + [by_bits[bits] for bits in (8, 4) if bits in by_bits]
-        key = content_hash(loaded.fingerprint, [bank.path(s).name for s in (by_bits[2], *highs)], prompts.digest, named["failure"].tolist())
-        failure = [prompts.primary[i] for i in named["failure"]]
-        compute = partial(injection_arrays, loaded, bank, by_bits[2], highs, failure, config.batch_size)
-        injection[method] = run_dir.cached(f"injection-{method}", key, compute) | {"low": np.array(by_bits[2]), "highs": np.array(highs)}
+        key = context.stage_key([by_bits[2], *highs], named["failure"].tolist())
+        compute = partial(injection_arrays, loaded, bank, by_bits[2], highs, [primary[i] for i in named["failure"]], config.batch_size)
+        injection[method] = context.run_dir.cached(f"injection-{method}", key, compute) | {"low": np.array(by_bits[2]), "highs": np.array(highs)}
     return effects, injection
 
 
 def repair_effects(
-    run_dir: RunDir,
-    loaded: LoadedModel,
-    bank: WeightBank,
-    prompts: PromptSet,
-    config: RunConfig,
-    groups: dict[str, dict[str, np.ndarray]],
-    sensitivity: dict[str, dict[str, np.ndarray]],
+    context: RunContext, groups: dict[str, dict[str, np.ndarray]], sensitivity: dict[str, dict[str, np.ndarray]]
 ) -> dict[str, dict[str, np.ndarray]]:
     """Setting -> repair table (``repairs.repair_arrays``) on its method's Failure and Robust
     prompts, protecting with the method's 8-bit setting (quantized if the run has none; a
     checkpoint's protected blocks are the reference's); m from the setting's domino test when the
     run has one. Each setting is a resumable stage."""
+    loaded, bank, config = context.loaded, context.bank, context.config
     options = config.repair_options()
     specs = [spec for spec in config.repair_specs() if len(groups.get(spec.method, {}).get("failure", [])) >= 2]
     protects = {spec.key: _protect(spec) for spec in specs}
@@ -323,10 +302,10 @@ def repair_effects(
         domino = sensitivity.get(spec.key, {}).get("domino")
         blocks = protected_blocks(loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks)
         rows = {name: named[name].tolist() for name in ("failure", "robust")}
-        key = content_hash(loaded.fingerprint, [bank.path(s).name for s in (spec.key, protect)], prompts.digest, rows, asdict(options), blocks)
-        failure, robust = ([prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
+        key = context.stage_key([spec.key, protect], rows, asdict(options), blocks)
+        failure, robust = ([context.prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
         compute = partial(repair_arrays, loaded, bank, spec.key, protect, failure, robust, blocks, options, config.batch_size)
-        tables[spec.key] = run_dir.cached(f"repairs-{spec.key}", key, compute)
+        tables[spec.key] = context.run_dir.cached(f"repairs-{spec.key}", key, compute)
     return tables
 
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from quantdiag.model.load import converted_gguf
 from quantdiag.quant.spec import REFERENCE_BITS, QuantSpec, checkpoint_key
 from quantdiag.storage import content_hash
 
+#: Tensor name -> the open safetensors reader that holds it.
+Readers = dict[str, Any]
 #: Parts of each quantized linear in a GPTQ or AWQ checkpoint.
 _PACKED = ("qweight", "qzeros", "scales")
 
@@ -105,7 +108,7 @@ def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer
     folder = converted_gguf(Path(spec.path)) if spec.kind == "gguf" else Path(spec.path)
     _check_architecture(spec, folder, config)
     _check_tokenizer(spec, folder, tokenizer)
-    tensors = _tensor_files(folder)
+    tensors = _open_tensors(folder)
     if spec.kind in ("gptq", "awq"):
         weights = {name: _dequantized(spec, name, shape, tensors) for name, shape in shapes.items()}
     else:
@@ -138,26 +141,26 @@ def _check_tokenizer(spec: CheckpointSpec, folder: Path, tokenizer: PreTrainedTo
         raise QuantdiagError(f"checkpoint {spec.name} has a different tokenizer from the reference's ({len(theirs)} vs {len(tokenizer)} tokens)")
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
+def _open_tensors(folder: Path) -> Readers:
+    """Tensor name -> the open (memory-mapped) reader of the safetensors file holding it; each
+    file is opened once."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise QuantdiagError(f"no .safetensors files in {folder}: quantdiag reads safetensors checkpoints")
-    index = {}
+    readers = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            index.update(dict.fromkeys(handle.keys(), file))
-    return index
+        reader = safe_open(str(file), framework="pt")
+        readers.update(dict.fromkeys(reader.keys(), reader))
+    return readers
 
 
-def _read(tensors: dict[str, Path], name: str, spec: CheckpointSpec) -> torch.Tensor:
+def _read(tensors: Readers, name: str, spec: CheckpointSpec) -> torch.Tensor:
     if name not in tensors:
         raise QuantdiagError(f"checkpoint {spec.name} has no tensor {name}: not the reference's architecture")
-    with safe_open(str(tensors[name]), framework="pt") as handle:
-        return handle.get_tensor(name)
+    return tensors[name].get_tensor(name)
 
 
-def _dequantized(spec: CheckpointSpec, name: str, shape: tuple[int, int], tensors: dict[str, Path]) -> torch.Tensor:
+def _dequantized(spec: CheckpointSpec, name: str, shape: tuple[int, int], tensors: Readers) -> torch.Tensor:
     """One packed linear back to float (out x in), by GPTQModel's GPTQ or AWQ kernels."""
     quantization = spec.quantization or {}
     group_size = int(quantization.get("group_size", quantization.get("q_group_size", -1)))

@@ -4,7 +4,7 @@ with its value, the reference's, the threshold and the vote."""
 
 from __future__ import annotations
 
-from quantdiag.verdict.thresholds import SIGNATURES
+from quantdiag.verdict.thresholds import BY_NAME, SIGNATURES
 
 
 def format_value(name: str, value: float | None) -> str:
@@ -45,7 +45,7 @@ def verdict_cards(results: dict) -> list[dict]:
 
 
 def _decisive_line(row: dict) -> str:
-    side = ">" if row["collapse_when"] == "above" else "<"
+    side = BY_NAME[row["name"]].collapse_side
     return f"{row['title']}: {format_value(row['name'], row['value'])} (collapse if {side} {format_value(row['name'], row['threshold'])})"
 
 
@@ -64,7 +64,7 @@ def signature_table(results: dict) -> dict:
             {
                 "title": signature.title,
                 "measure": signature.measure,
-                "threshold": f"{'>' if signature.collapse_when == 'above' else '<'} {format_value(signature.name, signature.threshold)}",
+                "threshold": f"{signature.collapse_side} {format_value(signature.name, signature.threshold)}",
                 "reference": format_value(signature.name, reference),
                 "cells": [
                     {"text": "not measured", "vote": "none"} if cell is None else {"text": format_value(signature.name, cell["value"]), "vote": cell["vote"]}

@@ -75,8 +75,10 @@ def _patching(results: dict, setting: dict, key: str):
     return None if spot is None else (spot.value, None)
 
 
-def _cka_diagonal(summary: dict | None) -> float:
-    return float(np.mean(np.diag(np.array(summary["cka"]["resid"]["subject"], dtype=float))))
+def cka_diagonal(summary: dict) -> np.ndarray:
+    """Per layer, the CKA of the reference's layer with the model's same layer (residual stream,
+    last subject token), from one subset's representations summary."""
+    return np.diag(np.array(summary["cka"]["resid"]["subject"], dtype=float))
 
 
 def _cka(results: dict, setting: dict, key: str):
@@ -84,7 +86,7 @@ def _cka(results: dict, setting: dict, key: str):
     if summary is None:
         return None
     reference = (results["settings"][0].get("representations") or {}).get(key)
-    return _cka_diagonal(summary), None if reference is None else _cka_diagonal(reference)
+    return cka_diagonal(summary).mean(), None if reference is None else cka_diagonal(reference).mean()
 
 
 def _subspace(curve: str, reference: float | None) -> Reader:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantdiag.verdict.evidence import Measured, subset_key
+from quantdiag.verdict.evidence import Measured, cka_diagonal, subset_key
 from quantdiag.verdict.thresholds import BY_NAME, CONFIDENCE_LEVELS, FULL_EVIDENCE, HEALTHY_RETENTION, MAJORITY, MIN_SIGNATURES
 
 HEALTHY, DEGRADATION, COLLAPSE, INCONCLUSIVE = "healthy", "degradation", "collapse", "inconclusive"
@@ -93,8 +93,7 @@ def first_damaged_block(results: dict, setting: dict) -> tuple[int | None, str |
         return None, None
     summary = (setting.get("representations") or {}).get(key)
     if summary is not None:
-        diagonal = np.diag(np.array(summary["cka"]["resid"]["subject"], dtype=float))
-        below = np.flatnonzero(diagonal < BY_NAME["cka_diagonal"].threshold)
+        below = np.flatnonzero(cka_diagonal(summary) < BY_NAME["cka_diagonal"].threshold)
         return (int(below[0]), "cka") if len(below) else (None, None)
     curve, reference = setting["lens"].get(key), results["settings"][0]["lens"].get(key)
     if curve is None or reference is None:

@@ -30,6 +30,11 @@ class Signature:
     reason: str
     scale: Literal["linear", "log"] = "linear"
 
+    @property
+    def collapse_side(self) -> str:
+        """The sign in "Collapse if": > for values above the threshold, < for below."""
+        return ">" if self.collapse_when == "above" else "<"
+
     def votes_collapse(self, value: float) -> bool:
         return value > self.threshold if self.collapse_when == "above" else value < self.threshold
 
