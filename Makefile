@@ -16,7 +16,7 @@ DEMO_CAUSAL ?= --causal-bits 4,2 --streams resid --patch-prompts 4
 # 2-bit settings (the paper's Fig. 10 and Table 2); repairs run for every setting.
 DEMO_SENSITIVITY ?= --sensitivity-bits 4,2
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test browser demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,13 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/quantdiag run --model smollm2 --relations $(DEMO_RELATIONS) --facts 40 $(DEMO_CAUSAL) $(DEMO_SENSITIVITY) --out $(DEMO_OUT)
 
-test: install-test
+# The report's browser tests need Debian's chromium and chromium-driver: installed when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromedriver >/dev/null || $(SUDO) apt-get install -y chromium chromium-driver \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
+
+test: install-test browser
 	$(BIN)/python -m pytest -q
 
 bench: install
