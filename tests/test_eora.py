@@ -56,7 +56,8 @@ def test_the_bank_stores_w_q_plus_the_best_fit_on_each_linears_calibration_input
     """Each linear's inputs on the calibration tokens come from a hook on the reference model; the bank's
     compensated weight must be rtn's W_q plus the Eckart-Young fit of W - W_q under their covariance."""
     loaded = tiny_model("llama", layers=2)
-    calibration = Calibration(torch.randint(1, 500, (8, 32), generator=torch.Generator().manual_seed(0)), "random tokens")
+    ids = torch.randint(1, 500, (8, 32), generator=torch.Generator().manual_seed(0))
+    calibration = Calibration(ids, "random tokens")
     modules = dict(loaded.model.named_modules())
     names = loaded.adapter.linear_names()
     covariances = dict.fromkeys(names, 0)
@@ -82,4 +83,5 @@ def test_the_bank_stores_w_q_plus_the_best_fit_on_each_linears_calibration_input
     for name in names:
         quantized = rtn_dequantized(reference[name], TWO.bits, TWO.group_size).double()
         fit, _ = _best_fit(reference[name].double() - quantized, covariances[name], 8)
-        torch.testing.assert_close(modules[name].weight.double(), quantized + fit, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        stored = modules[name].weight.double()
+        torch.testing.assert_close(stored, quantized + fit, rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -65,8 +65,8 @@ def test_gptq_equals_gptqmodels_solver_on_the_last_linear(bits, sym):
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("bits", [4, 2])
 def test_gptq_weights_lie_on_their_groups_grid(bits, sym):
-    """Every value is scale * (q - zero) for an integer q in [0, 2^bits - 1], with its group's
-    scale and zero; so each group of each row holds at most 2^bits values."""
+    """Every value is scale * (q - zero) for an integer q in [0, 2^bits - 1], with the scale and zero
+    GPTQModel's solver found for its group; so each group of each row holds at most 2^bits values."""
     _, scale, zero = _gptqmodel_target(bits, sym)
     weight = _run(bits, sym)[2][TARGET]
     levels = torch.round(weight / scale + zero).clamp(0, 2**bits - 1)
