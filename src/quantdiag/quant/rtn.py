@@ -12,8 +12,9 @@ _ROWS_PER_CHUNK = 4096
 def rtn_dequantized(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> torch.Tensor:
     """Quantize ``weight`` (out x in) per group of ``group_size`` inputs and dequantize it back.
 
-    Symmetric: scale = 2 max|w| / (2^b - 1), zero point 2^(b-1) (GPTQ's convention); asymmetric:
-    scale = (max - min) / (2^b - 1), zero = round(-min / scale). Computed in float32, returned in
+    Symmetric: scale = 2 max|w| / (2^b - 1), zero point 2^(b-1) (GPTQ's convention, which keeps a
+    group with no negative weight at max / (2^b - 1)); asymmetric: scale = (max - min) / (2^b - 1),
+    zero = round(-min / scale); the range always holds 0. Computed in float32, returned in
     the weight's dtype, row chunk by row chunk to bound memory on 8B models.
     """
     rows, cols = weight.shape
@@ -33,7 +34,7 @@ def _fake_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) 
     high = groups.amax(dim=-1, keepdim=True).clamp(min=0)
     if sym:
         high = torch.maximum(high, -low)
-        low = -high
+        low = torch.where(low < 0, -high, low)
     scale = (high - low) / maxq
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-low / scale)
