@@ -133,8 +133,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     reference = tiny_model("llama").model
     config = reference.config.to_dict()
     wider = transformers.LlamaConfig.from_dict({**config, "intermediate_size": 96})
-    retokenizer = copy.deepcopy(tiny_tokenizer())
-    retokenizer.add_tokens(["zzzz"])
+    retokenizer = copy.deepcopy(tiny_tokenizer())  # the cached one is shared (and grown by other tests)
+    retokenizer.add_tokens(["qqqq-bad-inputs"])
     (root / "notes.txt").write_text("hello")
     (root / "fake.gguf").write_bytes(b"NOPE" + bytes(100))
     (root / "broken.jsonl").write_text("{broken\n")

@@ -98,7 +98,7 @@ def _guard(call: Callable[[], T], out: Path) -> T:
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRORS:
             raise
-        print(f"quantdiag: error: cannot write {error.filename or out}: {error.strerror}", file=sys.stderr)
+        print(f"quantdiag: error: {error.filename or out}: {error.strerror}", file=sys.stderr)
     except KeyboardInterrupt:
         print("quantdiag: interrupted; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(130) from None
