@@ -1,5 +1,6 @@
-"""A GGUF checkpoint's bits are its measured bits per weight over its quantized 2-D tensors,
-against the block sizes of ggml's formats worked by hand (Q4_0: 32 weights in 18 bytes = 4.5)."""
+"""A GGUF checkpoint's bits are its measured bits per weight over its blocks' quantized 2-D
+tensors, against the block sizes of ggml's formats worked by hand (Q4_0: 32 weights in 18 bytes
+= 4.5)."""
 
 from __future__ import annotations
 
@@ -51,9 +52,11 @@ def _write(path: Path, tensors: dict[str, tuple[int, int, Q]]) -> Path:
         # 4096 at 4.5, 8192 at 8.5: (4096 x 4.5 + 8192 x 8.5) / 12288 = 43 / 6
         ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "blk.0.ffn_up.weight": (128, 64, Q.Q8_0)}, 7.1667, "GGUF 7.17-bit"),
         # a float matrix beside quantized ones is not part of the quantized weights
-        ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "token_embd.weight": (256, 64, Q.F16)}, 4.5, "GGUF 4.50-bit"),
+        ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "blk.0.ffn_up.weight": (128, 64, Q.F16)}, 4.5, "GGUF 4.50-bit"),
+        # nor are the embeddings and head, quantized or not: only the blocks' linears are compared
+        ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "token_embd.weight": (256, 64, Q.Q8_0), "output.weight": (256, 64, Q.F16)}, 4.5, "GGUF 4.50-bit"),
     ],
-    ids=["q4_0", "q8_0", "tq1_0", "mxfp4", "f16", "tie", "mixed", "float-beside"],
+    ids=["q4_0", "q8_0", "tq1_0", "mxfp4", "f16", "tie", "mixed", "float-beside", "embeddings-beside"],
 )
 def test_gguf_bits_are_measured_bits_per_weight(tmp_path, tensors, bits, label):
     spec = inspect_checkpoint(str(_write(tmp_path / "model.gguf", tensors)))

@@ -109,12 +109,13 @@ def _files(path: Path) -> Iterator[Path]:
 
 
 def _gguf_bits(path: Path) -> float:
-    """Measured bits per weight of the file's quantized 2-D tensors, bytes x 8 / elements (Q4_0:
-    4.5, Q8_0: 8.5); of its float 2-D tensors when none is quantized (F16: 16)."""
-    matrices = [tensor for tensor in gguf_reader(path).tensors if len(tensor.shape) == 2]
-    quantized = [tensor for tensor in matrices if tensor.tensor_type not in _FLOAT_TYPES] or matrices
+    """Measured bits per weight of the quantized 2-D tensors of the file's blocks (``blk.*``, the
+    linears quantdiag compares; not the embeddings or head), bytes x 8 / weights: Q4_0 4.5, Q8_0
+    8.5; of the blocks' float matrices when none is quantized (F16: 16)."""
+    matrices = [t for t in gguf_reader(path).tensors if len(t.shape) == 2 and t.name.startswith("blk.")]
+    quantized = [t for t in matrices if t.tensor_type not in _FLOAT_TYPES] or matrices
     if not quantized:
-        raise QuantdiagError(f"GGUF file '{path}' has no 2-D weight tensors")
+        raise QuantdiagError(f"GGUF file '{path}' has no block weight matrices (blk.*)")
     return round(8 * sum(int(t.n_bytes) for t in quantized) / sum(int(t.n_elements) for t in quantized), 4)
 
 
