@@ -48,7 +48,11 @@ CASES = [
     Case("bits-not-numbers", "run --bits four", "--bits must be comma-separated integers, not 'four'"),
     Case("facts-not-a-number", "run --facts many", "--facts must be a positive number or 'all', not 'many'"),
     Case("alphas-not-numbers", "run --alphas 1,x", "--alphas must be comma-separated numbers"),
-    Case("batch-size-not-a-number", "run --batch-size lots", "Invalid value for '--batch-size': Input should be a valid integer"),
+    Case(
+        "batch-size-not-a-number",
+        "run --batch-size lots",
+        "Invalid value for '--batch-size': Input should be a valid integer",
+    ),
     Case("unknown-option", "run --bitz 4", "No such option: --bitz"),
     Case("unknown-preset", "run --preset huge", "unknown preset 'huge'"),
     Case("unknown-analysis", "run --analyses patching,vibes", "unknown analysis vibes"),
@@ -57,7 +61,11 @@ CASES = [
     Case("unknown-method", "run --methods rtn,awq9", "unknown method awq9"),
     Case("subset-bits-missing", "run --bits 8,2", "add 4 to --bits"),
     Case("causal-bits-not-in-bits", "run --bits 4,2 --causal-bits 3", "--causal-bits 3 not among --bits"),
-    Case("unknown-device", f"run --model {{ref}} --methods rtn --bits 4 {FEW} --device tpu", "device must be cpu, cuda or auto"),
+    Case(
+        "unknown-device",
+        f"run --model {{ref}} --methods rtn --bits 4 {FEW} --device tpu",
+        "device must be cpu, cuda or auto",
+    ),
     Case("unknown-dtype", f"run --model {{ref}} --methods rtn --bits 4 {FEW} --dtype float8", "dtype must be auto"),
     # facts files
     Case("facts-file-malformed", "run --facts-file {broken_facts}", "need JSON with subject, object and template"),
@@ -67,14 +75,25 @@ CASES = [
     Case("out-unwritable", "run", "is not writable", fault="no-access"),
     Case("out-is-a-file", "run", "exists and is not a folder", out="file"),
     Case("out-is-a-model-folder", "run", "holds config.json (not a quantdiag run's), model.safetensors", out="model"),
-    Case("out-is-dot-in-a-model-folder", "run --out .", "output folder . holds config.json (not a quantdiag run's)", out="dot"),
+    Case(
+        "out-is-dot-in-a-model-folder",
+        "run --out .",
+        "output folder . holds config.json (not a quantdiag run's)",
+        out="dot",
+    ),
     Case("out-holds-stale-files", "run", "holds notes.txt: not a quantdiag run", out="stale"),
     Case("bad-option-on-an-earlier-run", "run --bits 4,9", "between 2 and 8", out="run"),
     # the reference model
     Case("model-not-found", "run --model {missing}", "model not found"),
     Case("model-gguf-bad-magic", "run --model {fake_gguf} --methods rtn", "is not a GGUF file (bad magic bytes)"),
-    Case("model-gguf-unsupported", "run --model {phi3_gguf} --methods rtn --bits 4", "architecture 'phi3' is not supported"),
-    Case("model-config-unsupported", "run --model {gpt2} --methods rtn --bits 4", "architecture 'gpt2' is not supported"),
+    Case(
+        "model-gguf-unsupported",
+        "run --model {phi3_gguf} --methods rtn --bits 4",
+        "architecture 'phi3' is not supported",
+    ),
+    Case(
+        "model-config-unsupported", "run --model {gpt2} --methods rtn --bits 4", "architecture 'gpt2' is not supported"
+    ),
     Case("model-config-malformed", "run --model {bad_json} --methods rtn --bits 4", "config.json is not valid JSON"),
     Case("model-is-gptq", "run --model {gptq} --methods rtn --bits 4", "is a GPTQ checkpoint: the reference"),
     Case("reference-is-awq", "diagnose --reference {awq} --compare {ref}", "is a AWQ checkpoint"),
@@ -82,16 +101,43 @@ CASES = [
     Case("diagnose-without-compare", "diagnose", "Missing option '--compare'"),
     Case("compare-not-found", "diagnose --reference {ref} --compare {missing}", "checkpoint not found"),
     Case("compare-text-file", "diagnose --reference {ref} --compare {notes}", "is a file but not .gguf"),
-    Case("compare-gguf-bad-magic", "diagnose --reference {ref} --compare {fake_gguf}", "is not a GGUF file (bad magic bytes)"),
-    Case("compare-gguf-unsupported", "diagnose --reference {ref} --compare {phi3_gguf}", "architecture 'phi3' is not supported"),
-    Case("compare-config-malformed", "diagnose --reference {ref} --compare {bad_json}", "config.json is not valid JSON"),
+    Case(
+        "compare-gguf-bad-magic",
+        "diagnose --reference {ref} --compare {fake_gguf}",
+        "is not a GGUF file (bad magic bytes)",
+    ),
+    Case(
+        "compare-gguf-unsupported",
+        "diagnose --reference {ref} --compare {phi3_gguf}",
+        "architecture 'phi3' is not supported",
+    ),
+    Case(
+        "compare-config-malformed", "diagnose --reference {ref} --compare {bad_json}", "config.json is not valid JSON"
+    ),
     Case("compare-no-bits", "diagnose --reference {ref} --compare {no_bits}", "its quantization_config has no bits"),
     Case("compare-bits-9", "diagnose --reference {ref} --compare {gptq_9}", "gives 9 bits, not an integer 2..8"),
-    Case("compare-other-architecture", f"diagnose --reference {{ref}} --compare {{qwen2}} {FEW}", "model_type is qwen2, the reference's is llama"),
-    Case("compare-other-shape", f"diagnose --reference {{ref}} --compare {{wider}} {FEW}", "has shape (96, 64), the reference's is (128, 64)"),
-    Case("compare-other-tokenizer", f"diagnose --reference {{ref}} --compare {{retokenized}} {FEW}", "different tokenizer"),
+    Case(
+        "compare-other-architecture",
+        f"diagnose --reference {{ref}} --compare {{qwen2}} {FEW}",
+        "model_type is qwen2, the reference's is llama",
+    ),
+    Case(
+        "compare-other-shape",
+        f"diagnose --reference {{ref}} --compare {{wider}} {FEW}",
+        "has shape (96, 64), the reference's is (128, 64)",
+    ),
+    Case(
+        "compare-other-tokenizer",
+        f"diagnose --reference {{ref}} --compare {{retokenized}} {FEW}",
+        "different tokenizer",
+    ),
     # the environment
-    Case("disk-full", f"run --model {{ref}} --methods rtn --bits 4 {FEW} --analyses none", "config.json: No space left on device", fault="disk-full"),
+    Case(
+        "disk-full",
+        f"run --model {{ref}} --methods rtn --bits 4 {FEW} --analyses none",
+        "config.json: No space left on device",
+        fault="disk-full",
+    ),
     Case(
         "disk-full-on-an-earlier-run",
         f"run --model {{ref}} --methods rtn --bits 4 {FEW} --analyses none",
@@ -149,7 +195,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
         "retokenized": _save(reference, root / "retokenized", retokenizer),
         "gptq": _config_only(root / "gptq", {**config, "quantization_config": gptq}),
         "gptq_9": _config_only(root / "gptq-9", {**config, "quantization_config": {**gptq, "bits": 9}}),
-        "no_bits": _config_only(root / "no-bits", {**config, "quantization_config": {"quant_method": "gptq", "group_size": 32}}),
+        "no_bits": _config_only(
+            root / "no-bits", {**config, "quantization_config": {"quant_method": "gptq", "group_size": 32}}
+        ),
         "awq": _config_only(root / "awq", {**config, "quantization_config": {"quant_method": "awq", "bits": 4}}),
         "gpt2": _config_only(root / "gpt2", transformers.GPT2Config(n_layer=2).to_dict()),
         "bad_json": root / "bad-json",

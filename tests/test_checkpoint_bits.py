@@ -54,7 +54,15 @@ def _write(path: Path, tensors: dict[str, tuple[int, int, Q]]) -> Path:
         # a float matrix beside quantized ones is not part of the quantized weights
         ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "blk.0.ffn_up.weight": (128, 64, Q.F16)}, 4.5, "GGUF 4.50-bit"),
         # nor are the embeddings and head, quantized or not: only the blocks' linears are compared
-        ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "token_embd.weight": (256, 64, Q.Q8_0), "output.weight": (256, 64, Q.F16)}, 4.5, "GGUF 4.50-bit"),
+        (
+            {
+                "blk.0.attn_q.weight": (64, 64, Q.Q4_0),
+                "token_embd.weight": (256, 64, Q.Q8_0),
+                "output.weight": (256, 64, Q.F16),
+            },
+            4.5,
+            "GGUF 4.50-bit",
+        ),
     ],
     ids=["q4_0", "q8_0", "tq1_0", "mxfp4", "f16", "tie", "mixed", "float-beside", "embeddings-beside"],
 )

@@ -104,7 +104,8 @@ def test_out_may_be_a_run_folder_and_nothing_else_unless_forced(tmp_path):
     out = _run_folder(tmp_path / "run")
     check_writable(out)
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(QuantdiagError, match=r"holds notes.txt: not a quantdiag run; choose another --out, or pass --force$"):
+    refusal = r"holds notes.txt: not a quantdiag run; choose another --out, or pass --force$"
+    with pytest.raises(QuantdiagError, match=refusal):
         check_writable(out)
     check_writable(out, force=True)
 
@@ -139,7 +140,8 @@ def test_a_real_run_folder_is_accepted_again_and_force_writes_beside_a_strangers
     llama.model.save_pretrained(tmp_path / "ref")
     llama.tokenizer.save_pretrained(tmp_path / "ref")
     out = tmp_path / "run"
-    args = ["--model", str(tmp_path / "ref"), "--methods", "rtn", "--bits", "4", "--relations", "P19", "--facts", "2", "--preset", "quick", "--analyses", "none", "--device", "cpu", "--out", str(out)]
+    args = ["--model", str(tmp_path / "ref"), "--methods", "rtn", "--bits", "4", "--relations", "P19", "--facts", "2"]
+    args += ["--preset", "quick", "--analyses", "none", "--device", "cpu", "--out", str(out)]
     assert _run(args).exit_code == 0
     check_writable(out)
     (out / "notes.txt").write_text("mine")

@@ -56,7 +56,9 @@ class OneLineErrors(TyperGroup):
             raise typer.Exit(2) from None
 
 
-app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, help="Diagnose why a quantized LLM fails.")
+app = typer.Typer(
+    cls=OneLineErrors, add_completion=False, no_args_is_help=True, help="Diagnose why a quantized LLM fails."
+)
 
 
 @app.callback()

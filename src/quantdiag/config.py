@@ -173,7 +173,9 @@ def check_writable(out: Path, force: bool = False) -> None:
     foreign = [] if force or not out.is_dir() else _foreign_entries(out)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise QuantdiagError(f"output folder {out} holds {shown}: not a quantdiag run; choose another --out, or pass --force")
+        raise QuantdiagError(
+            f"output folder {out} holds {shown}: not a quantdiag run; choose another --out, or pass --force"
+        )
 
 
 def _foreign_entries(out: Path) -> list[str]:

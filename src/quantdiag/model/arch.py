@@ -55,7 +55,8 @@ SUPPORTED_FAMILIES = tuple(sorted(ARCHS))
 def check_supported(family: str | None, source: str) -> None:
     """Fail with one line unless ``family`` (a ``model_type``) is one of ours."""
     if family not in ARCHS:
-        raise QuantdiagError(f"{source}: architecture '{family}' is not supported (supported: {', '.join(SUPPORTED_FAMILIES)})")
+        supported = ", ".join(SUPPORTED_FAMILIES)
+        raise QuantdiagError(f"{source}: architecture '{family}' is not supported (supported: {supported})")
 
 _SITE = re.compile(r"^blocks\.(\d+)\.(resid_post|attn_out|mlp_out|mlp\.gate_pre|mlp\.act|attn_probs)$")
 

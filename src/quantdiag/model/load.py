@@ -155,8 +155,8 @@ def _check_reference(config: dict, source: str) -> None:
     if quantization:
         method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
         raise QuantdiagError(
-            f"'{source}' is a {str(method).upper()} checkpoint: the reference (--model, --reference) must be its float model;"
-            " give this one to quantdiag diagnose as --compare"
+            f"'{source}' is a {str(method).upper()} checkpoint: the reference (--model, --reference) must be"
+            " its float model; give this one to quantdiag diagnose as --compare"
         )
     check_supported(config.get("model_type"), source)
 
