@@ -1,12 +1,14 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback, nothing written."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from quantdiag.cli import app
-from quantdiag.config import RunConfig
+from quantdiag.config import RunConfig, check_writable
+from quantdiag.errors import QuantdiagError
 
 
 def _run(args: list[str]):
@@ -86,3 +88,65 @@ def test_patch_needs_a_run_directory(tmp_path):
 def test_a_saved_config_round_trips():
     config = RunConfig(bits=(4, 2), relations=("P19",), analyses=("ablation",), streams=("resid",))
     assert RunConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def _run_folder(out):
+    """What a finished run leaves, plus a temporary file of a write a killed run left behind."""
+    for folder in ("figures", "stages"):
+        (out / folder).mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(RunConfig(out=str(out)).to_json()))
+    for name in ("results.json", "report.html", "arrays.npz", "stages/eval-reference-0.npz", ".results.json.x1y2.tmp"):
+        (out / name).write_text("{}")
+    return out
+
+
+def test_out_may_be_a_run_folder_and_nothing_else_unless_forced(tmp_path):
+    out = _run_folder(tmp_path / "run")
+    check_writable(out)
+    (out / "notes.txt").write_text("mine")
+    refusal = r"holds notes.txt: not a quantdiag run; choose another --out, or pass --force$"
+    with pytest.raises(QuantdiagError, match=refusal):
+        check_writable(out)
+    check_writable(out, force=True)
+
+
+@pytest.mark.parametrize(
+    ("config", "shown"),
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "config.json (not a quantdiag run's)"),
+        ("{broken", "config.json (not a quantdiag run's)"),
+        ({**RunConfig().to_json(), "extra": 1}, "config.json (not a quantdiag run's)"),
+    ],
+    ids=["model-config", "not-json", "unknown-option"],
+)
+def test_a_config_json_that_is_not_a_run_config_is_refused(tmp_path, config, shown):
+    out = _run_folder(tmp_path / "run")
+    (out / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    with pytest.raises(QuantdiagError, match=re.escape(f"holds {shown}:")):
+        check_writable(out)
+
+
+def test_a_folder_named_like_a_run_file_is_refused(tmp_path):
+    """figures/ and stages/ must be folders, the run's files files."""
+    out = tmp_path / "run"
+    (out / "report.html").mkdir(parents=True)
+    (out / "stages").write_text("x")
+    with pytest.raises(QuantdiagError, match=re.escape("holds report.html/, stages:")):
+        check_writable(out)
+
+
+def test_a_real_run_folder_is_accepted_again_and_force_writes_beside_a_strangers_files(tmp_path, llama):
+    """The files a run writes are the ones its rerun accepts; --force keeps what was there."""
+    llama.model.save_pretrained(tmp_path / "ref")
+    llama.tokenizer.save_pretrained(tmp_path / "ref")
+    out = tmp_path / "run"
+    args = ["--model", str(tmp_path / "ref"), "--methods", "rtn", "--bits", "4", "--relations", "P19", "--facts", "2"]
+    args += ["--preset", "quick", "--analyses", "none", "--device", "cpu", "--out", str(out)]
+    assert _run(args).exit_code == 0
+    check_writable(out)
+    (out / "notes.txt").write_text("mine")
+    refused = _run(args)
+    assert refused.exit_code == 2 and "holds notes.txt" in refused.stderr
+    forced = _run([*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").is_file()

@@ -7,18 +7,24 @@ resumes from its finished stages when the same command runs again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from typer._click.exceptions import (
+    UsageError,  # typer 0.29 vendors click: these are its errors
+)
+from typer.core import TyperGroup
 
 from quantdiag.analysis.amplify import DEFAULT_ALPHAS
 from quantdiag.analysis.causal import CAUSAL_ANALYSES, KINDS
 from quantdiag.analysis.repairs import KURTOSIS_BUDGET
-from quantdiag.config import ANALYSES, PRESETS, RunConfig
+from quantdiag.config import ANALYSES, PRESETS, RUN_FOLDERS, RunConfig
 from quantdiag.errors import QuantdiagError
 from quantdiag.quant.eora import DEFAULT_RANK
 
@@ -33,9 +39,26 @@ ALPHAS_HELP = "amplification strengths to choose from on the dev split, comma-se
 RANK_HELP = "rank of the EoRA compensation"
 SENSITIVITY_BITS_HELP = "bit widths that get the sensitivity maps (default: all of --bits)"
 WINDOW_HELP = "layers patched together for MLP and attention outputs (ROME's window)"
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Diagnose why a quantized LLM fails.")
+FORCE_HELP = "write into --out even if it holds files that are not a quantdiag run's"
+#: Errors of the machine, not of quantdiag: a full disk or quota, a folder one may not write.
+ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 T = TypeVar("T")
+
+
+class OneLineErrors(TyperGroup):
+    """Options click rejects (not a number, unknown, missing) are one line too, like quantdiag's own errors."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as error:
+            print(f"quantdiag: error: {error.format_message()}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=OneLineErrors, add_completion=False, no_args_is_help=True, help="Diagnose why a quantized LLM fails."
+)
 
 
 @app.callback()
@@ -66,21 +89,61 @@ def _analyses(text: str | None) -> tuple[str, ...] | None:
     return () if text == "none" else _names(text)
 
 
-def _guard(call: Callable[[], T]) -> T:
-    """Turn user errors into one line on stderr and exit code 2."""
+def _guard(call: Callable[[], T], out: Path) -> T:
+    """Turn user and environment errors into one line on stderr and exit code 2, leaving nothing
+    of this command's in ``out``."""
     try:
-        return call()
+        with _removed_on_error(out):
+            return call()
     except QuantdiagError as error:
         print(f"quantdiag: error: {error}", file=sys.stderr)
-        raise typer.Exit(2) from None
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRORS:
+            raise
+        print(f"quantdiag: error: {error.filename or out}: {error.strerror}", file=sys.stderr)
     except KeyboardInterrupt:
         print("quantdiag: interrupted; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(130) from None
+    raise typer.Exit(2)
 
 
-def _show_report(call: Callable[[], Path]) -> None:
+@contextlib.contextmanager
+def _removed_on_error(out: Path) -> Iterator[None]:
+    """On a user or environment error, remove what was created under ``out`` meanwhile (``out``
+    itself, and the parents made for it, if it did not exist); what was there stays."""
+    top = _topmost_missing(out)
+    before = set() if top else _run_entries(out)
+    try:
+        yield
+    except (QuantdiagError, OSError):
+        created = [top] if top else sorted(_run_entries(out) - before)
+        for path in created:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        raise
+
+
+def _run_entries(out: Path) -> set[Path]:
+    """What is in ``out`` where a run writes: its top level, and everything in its own folders."""
+    if not out.is_dir():
+        return set()
+    inside = (path for name in RUN_FOLDERS if (out / name).is_dir() for path in (out / name).rglob("*"))
+    return set(out.iterdir()) | set(inside)
+
+
+def _topmost_missing(out: Path) -> Path | None:
+    """The highest of ``out`` and its parents that does not exist (``None``: ``out`` exists)."""
+    missing, path = None, out.absolute()
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _show_report(call: Callable[[], Path], out: Path) -> None:
     """Run a command that writes a report and print where the report is."""
-    print(f"report: {_guard(call).resolve()}")
+    print(f"report: {_guard(call, out).resolve()}")
 
 
 def _bits(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -102,6 +165,7 @@ BatchSize = Annotated[int, typer.Option(help="prompts per forward pass")]
 Seed = Annotated[int, typer.Option(help="seed of fact sampling and calibration text")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code")]
 Analyses = Annotated[str | None, typer.Option(help=ANALYSES_HELP)]
+Force = Annotated[bool, typer.Option("--force", help=FORCE_HELP)]
 
 
 def _shared(facts: str | None, facts_file: str | None, relations: str | None, analyses: str | None) -> dict:
@@ -147,6 +211,7 @@ def run(
     rank: Annotated[int, typer.Option(help=RANK_HELP)] = DEFAULT_RANK,
     streams: Annotated[str, typer.Option(help=STREAMS_HELP)] = ",".join(KINDS),
     window: Annotated[int, typer.Option(help=WINDOW_HELP)] = 1,
+    force: Force = False,
 ) -> None:
     """Quantize a model, measure its factual recall, logit lens, causal effects, components,
     representations and sensitivity, try the repairs, judge each setting, and write a report."""
@@ -180,11 +245,12 @@ def run(
             eora_rank=rank,
             streams=_names(streams) or (),
             window=window,
+            force=force,
             **_shared(facts, facts_file, relations, analyses),
         )
         return run_pipeline(config)
 
-    _show_report(call)
+    _show_report(call, Path(out))
 
 
 @app.command()
@@ -206,6 +272,7 @@ def diagnose(
     trust_remote_code: TrustRemoteCode = False,
     analyses: Analyses = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the verdicts as JSON on stdout (progress stays on stderr)")] = False,
+    force: Force = False,
 ) -> None:
     """Judge checkpoints against a reference: Healthy, Signal Degradation, Computation Collapse
     or Inconclusive, with the evidence and a report. Exit code (the worst verdict): 0 healthy,
@@ -229,6 +296,7 @@ def diagnose(
             dtype=dtype,
             seed=seed,
             trust_remote_code=trust_remote_code,
+            force=force,
             **_shared(facts, facts_file, relations, analyses),
         )
         if not as_json:
@@ -236,7 +304,7 @@ def diagnose(
         with contextlib.redirect_stdout(sys.stderr):
             return diagnose_models(config)
 
-    diagnosis = _guard(call)
+    diagnosis = _guard(call, Path(out))
     if as_json:
         print(json.dumps(diagnosis.to_json(), indent=2))
     else:
@@ -272,7 +340,7 @@ def patch(
             window=window,
         )
 
-    _show_report(call)
+    _show_report(call, Path(run_dir))
 
 
 @app.command()
@@ -288,7 +356,7 @@ def sensitivity(
 
         return rerun(Path(run_dir), analyses=("sensitivity",), sensitivity_bits=_bits(sensitivity_bits, "--sensitivity-bits"))
 
-    _show_report(call)
+    _show_report(call, Path(run_dir))
 
 
 @app.command()
@@ -316,4 +384,4 @@ def repair(
             eora_rank=rank,
         )
 
-    _show_report(call)
+    _show_report(call, Path(run_dir))

@@ -9,7 +9,9 @@ run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -29,6 +31,11 @@ PRESETS: dict[str, dict] = {
     "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": ("components", "representations"), "patch_prompts": 4},
     "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3, "analyses": ANALYSES, "patch_prompts": 8},
 }
+#: What a run folder holds: ``out`` may be one (a rerun resumes) and, unless forced, nothing else.
+RUN_FILES = ("config.json", "results.json", "arrays.npz", "report.html")
+RUN_FOLDERS = ("figures", "stages")
+#: A run file's temporary twin (``storage.atomic_file``), left behind if a run was killed mid-write.
+_RUN_TEMPORARY = re.compile(r"^\.(config\.json|results\.json|arrays\.npz|report\.html)\..+\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class RunConfig:
     trust_remote_code: bool = False
     seed: int = 0
     all_facts: bool = False
+    force: bool = False  # write into an output folder that holds something other than a run
 
     def resolved(self) -> RunConfig:
         """Fill unset sizes from the preset and check every value; raises QuantdiagError."""
@@ -95,7 +103,7 @@ class RunConfig:
         if not config.alphas or any(a < 0 for a in config.alphas):
             raise QuantdiagError("--alphas must be non-negative numbers")
         config.facts()
-        check_writable(Path(config.out))
+        check_writable(Path(config.out), config.force)
         return config
 
     def specs(self) -> list[ComparedSpec]:
@@ -152,8 +160,9 @@ class RunConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-def check_writable(out: Path) -> None:
-    """Fail early, before any work, if ``out`` cannot be created or written."""
+def check_writable(out: Path, force: bool = False) -> None:
+    """Fail early, before any work, if ``out`` cannot be created or written, or (unless ``force``)
+    holds anything but a quantdiag run: a model's folder, or ``.`` inside one, is never overwritten."""
     existing = out
     while not existing.exists():
         existing = existing.parent
@@ -161,3 +170,40 @@ def check_writable(out: Path) -> None:
         raise QuantdiagError(f"output path {out} exists and is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise QuantdiagError(f"output folder {out} is not writable")
+    foreign = [] if force or not out.is_dir() else _foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise QuantdiagError(
+            f"output folder {out} holds {shown}: not a quantdiag run; choose another --out, or pass --force"
+        )
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """What in ``out`` a quantdiag run does not write, by name (folders with a slash)."""
+    return sorted(_describe(entry) for entry in out.iterdir() if not _is_run_entry(entry))
+
+
+def _describe(entry: Path) -> str:
+    if entry.name == "config.json" and entry.is_file():
+        return "config.json (not a quantdiag run's)"
+    return entry.name + ("/" if entry.is_dir() else "")
+
+
+def _is_run_entry(entry: Path) -> bool:
+    """Whether ``entry`` is one of a run's own files or folders (its config.json a RunConfig's)."""
+    if entry.name in RUN_FOLDERS:
+        return entry.is_dir()
+    if not entry.is_file():
+        return False
+    if entry.name == "config.json":
+        return _is_run_config(entry)
+    return entry.name in RUN_FILES or _RUN_TEMPORARY.match(entry.name) is not None
+
+
+def _is_run_config(file: Path) -> bool:
+    """Whether ``file`` parses as a saved RunConfig."""
+    try:
+        RunConfig.from_json(json.loads(file.read_text()))
+    except (ValueError, TypeError, AttributeError, QuantdiagError):
+        return False
+    return True

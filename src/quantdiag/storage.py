@@ -34,6 +34,9 @@ def atomic_file(path: Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        error.filename = error.filename or str(path)  # a failed write() names no file: name the target
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -49,6 +52,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as error:
+        error.filename = error.filename or str(path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from quantdiag.errors import QuantdiagError
 
+
 @dataclass(frozen=True)
 class Arch:
     """Module paths of one family. ``attn_out`` / ``mlp_out`` name the module whose output is
@@ -47,6 +48,15 @@ ARCHS: dict[str, Arch] = {
     **_LLAMA_LIKE,
     "gemma2": Arch("gemma2", attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm"),
 }
+#: Hugging Face ``model_type`` names of the families quantdiag reads.
+SUPPORTED_FAMILIES = tuple(sorted(ARCHS))
+
+
+def check_supported(family: str | None, source: str) -> None:
+    """Fail with one line unless ``family`` (a ``model_type``) is one of ours."""
+    if family not in ARCHS:
+        supported = ", ".join(SUPPORTED_FAMILIES)
+        raise QuantdiagError(f"{source}: architecture '{family}' is not supported (supported: {supported})")
 
 _SITE = re.compile(r"^blocks\.(\d+)\.(resid_post|attn_out|mlp_out|mlp\.gate_pre|mlp\.act|attn_probs)$")
 
@@ -65,12 +75,9 @@ class Adapter:
     """Binds an :class:`Arch` to one loaded model: blocks, linears, sites, final logits."""
 
     def __init__(self, model: nn.Module):
-        family = model.config.model_type
-        if family not in ARCHS:
-            supported = ", ".join(sorted(ARCHS))
-            raise QuantdiagError(f"architecture '{family}' is not supported (supported: {supported})")
+        check_supported(model.config.model_type, "model")
         self.model = model
-        self.arch = ARCHS[family]
+        self.arch = ARCHS[model.config.model_type]
         self.blocks: nn.ModuleList = model.get_submodule(self.arch.layers)
         self.final_norm: nn.Module = model.get_submodule(self.arch.final_norm)
         self.lm_head: nn.Module = model.get_submodule(self.arch.lm_head)

