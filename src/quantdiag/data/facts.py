@@ -121,9 +121,10 @@ def robustness_texts(fact: Fact, max_paraphrases: int | None) -> list[str]:
     return [ROBUSTNESS_WRAPPER.format(cloze=cloze) for cloze in clozes]
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: str | None = None) -> Prompt:
-    """Token ids of ``text`` (default: the primary prompt), the target token (first token of
-    " " + object after the prompt) and the subject's token span from the offsets."""
+def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: str | None = None) -> Prompt | None:
+    """Token ids of ``text`` (default: the primary prompt) and of the answer's leading tokens, the
+    target token (``answer_tokens``) and the subject's token span from the offsets; ``None`` when
+    no target can be formed."""
     text = fact.text if text is None else text
     encoded = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -132,12 +133,33 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: s
     span = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if start < 0 or not span:
         raise QuantdiagError(f"subject '{fact.subject}' not found in prompt '{text}'")
-    return Prompt(index, tuple(ids), target_token(tokenizer, text, ids, fact.object), (span[0], span[-1] + 1))
+    answer = answer_tokens(tokenizer, text, ids, fact.object)
+    if answer is None:
+        return None
+    lead, target = answer
+    return Prompt(index, (*ids, *lead), target, (span[0], span[-1] + 1))
 
 
-def target_token(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str) -> int:
-    """The first token the model must produce to say " " + ``obj`` after ``text``."""
-    full = tokenizer(text + " " + obj)["input_ids"]
-    if full[: len(ids)] == ids and len(full) > len(ids):
-        return full[len(ids)]
-    return tokenizer(" " + obj, add_special_tokens=False)["input_ids"][0]
+def answer_tokens(
+    tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str
+) -> tuple[tuple[int, ...], int] | None:
+    """The tokens the model must produce to say " " + ``obj`` after ``text`` (its ``ids``), split
+    at the first that carries content (a letter or digit): (the whitespace/punctuation tokens before
+    it, that target token); ``None`` if no token carries content."""
+    source = text + " " + obj
+    encoded = tokenizer(source, return_offsets_mapping=True)
+    tokens, offsets = encoded["input_ids"][len(ids) :], encoded["offset_mapping"][len(ids) :]
+    if encoded["input_ids"][: len(ids)] != ids:  # the object's tokens merged into the prompt's
+        source = " " + obj
+        encoded = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
+        tokens, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    for position, (a, b) in enumerate(offsets):
+        if any(character.isalnum() for character in source[a:b]):
+            return tuple(tokens[:position]), tokens[position]
+    return None
+
+
+def target_token(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str) -> int | None:
+    """The target token alone (``answer_tokens``), for checking a candidate object."""
+    answer = answer_tokens(tokenizer, text, ids, obj)
+    return None if answer is None else answer[1]
