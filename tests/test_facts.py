@@ -4,8 +4,10 @@ from types import SimpleNamespace
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from typer.testing import CliRunner
 
 from conftest import tiny_tokenizer
+from quantdiag.cli import app
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import (
     ROBUSTNESS_WRAPPER,
@@ -194,20 +196,74 @@ def test_robustness_texts_wrap_each_paraphrase_as_a_cloze():
     assert all(t.startswith(prefix) and "___" in t and "France" in t and "Paris" not in t for t in texts)
 
 
+ROW = {"subject": "Rome", "object": "Italy", "template": "[X] is the capital of [Y]."}
+
+
+def _line(**changes) -> str:
+    return json.dumps(ROW | changes, ensure_ascii=False)
+
+
 def test_user_facts_file(tmp_path):
     path = tmp_path / "facts.jsonl"
-    rows = [{"subject": "Marie Curie", "object": "Warsaw", "template": "[X] was born in"}, {"subject": "Rome", "object": "Italy", "template": "[X] is the capital of [Y]."}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path.write_text(_line(subject="Marie Curie", object="Warsaw", template="[X] was born in") + "\n\n" + _line() + "\n")
     facts = load_user_facts(path)
     assert [f.text for f in facts] == ["Marie Curie was born in", "Rome is the capital of"]
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(_line() + "\n", encoding="utf-8-sig")
+    assert load_user_facts(path) == [Fact("user", "Rome", "Italy", ROW["template"])]
+
+
+def test_a_line_separator_inside_a_json_string_does_not_end_the_line(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(_line(object="Ita\u2028ly") + "\n", encoding="utf-8")
+    assert [f.object for f in load_user_facts(path)] == ["Ita\u2028ly"]
+
+
+def _assert_one_error_line(path, expected_start: str, fragment: str) -> None:
+    """``quantdiag run`` on the facts file stops before the model (a missing one) with one line."""
+    model, out = path.parent / "no-model", path.parent / "run"
+    result = CliRunner().invoke(app, ["run", "--facts-file", str(path), "--model", str(model), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"quantdiag: error: {expected_start}"), result.stderr
+    assert fragment in lines[0]
+
+
 @pytest.mark.parametrize(
-    "content",
-    ["", "\n\n", "not json\n", '{"subject": "a", "object": "b"}\n', '{"subject": "a", "object": "b", "template": "no placeholder"}\n', '{"subject": "a", "object": "b", "template": "[Y] is [X]"}\n'],
+    ("second_line", "fragment"),
+    [
+        ("{broken", "need JSON"),
+        ("[1, 2]", "need JSON"),
+        ('"x"', "need JSON"),
+        (json.dumps({"subject": "Rome", "object": "Italy"}), "need JSON"),
+        (_line(subject=""), "empty subject"),
+        (_line(object="  "), "empty object"),
+        (_line(subject=None), "must be strings"),
+        (_line(template="Rome is nice"), "needs [X]"),
+        (_line(template="[Y] is the capital of [X]."), "[Y] must occur once, at the template's end"),
+        (_line(template="[X] is [Y] or [Y]."), "[Y] must occur once, at the template's end"),
+        (_line(template="[X] is [Y]!"), "[Y] must occur once, at the template's end"),
+        (_line(subject="Rome ", template="[X][Y]"), "the subject does not occur in the prompt 'Rome'"),
+    ],
 )
-def test_bad_user_facts_are_user_errors(tmp_path, content):
+def test_a_bad_facts_line_is_one_error_line_naming_file_and_line(tmp_path, second_line, fragment):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(_line() + "\n" + second_line + "\n", encoding="utf-8")
+    _assert_one_error_line(path, f"{path}:2: ", fragment)
+
+
+def test_a_facts_file_that_is_not_utf8_is_one_error_line(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_bytes((_line() + "\n" + _line(subject="Zürich") + "\n").encode("latin-1"))
+    _assert_one_error_line(path, f"{path}:2: ", "not UTF-8 (byte 0xfc)")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_an_empty_facts_file_is_a_user_error(tmp_path, content):
     path = tmp_path / "facts.jsonl"
     path.write_text(content)
-    with pytest.raises(QuantdiagError):
+    with pytest.raises(QuantdiagError, match="is empty"):
         load_user_facts(path)
