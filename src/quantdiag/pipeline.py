@@ -37,10 +37,13 @@ from quantdiag.storage import content_hash
 
 @dataclass
 class PromptSet:
-    """Primary prompts (one per fact) and robustness prompts (paraphrases of a sample of facts)."""
+    """Primary prompts (one per scored fact) and robustness prompts (paraphrases of a sample of
+    them); ``facts``: the scored facts, ``dropped``: how many had no target to score."""
 
     primary: list[Prompt]
     robustness: list[Prompt]
+    facts: list[Fact]
+    dropped: int
 
     @property
     def fact_of_robustness(self) -> np.ndarray:
@@ -96,8 +99,8 @@ def run(config: RunConfig) -> Path:
     """Run the diagnosis described by ``config``; returns the report's path."""
     config = config.resolved()
     loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
-    facts = config.facts()
-    prompts = build_prompts(loaded, facts, config)
+    prompts = build_prompts(loaded, config.facts(), config)
+    facts = prompts.facts
     specs = config.specs()
     needs_calibration = any(spec.method == "gptq" for spec in specs) or bool(config.repair_specs())
     calibration = (
@@ -143,18 +146,25 @@ def rerun(run_dir: Path, analyses: tuple[str, ...] = (), **changes) -> Path:
 
 
 def build_prompts(loaded: LoadedModel, facts: list[Fact], config: RunConfig) -> PromptSet:
-    """Tokenize the primary prompt of every fact, and the robustness paraphrases of a seeded
-    sample of ``config.robustness_facts`` facts."""
+    """Tokenize the primary prompt of every fact, dropping those without a target, and the
+    robustness paraphrases (those with a target) of a seeded sample of ``config.robustness_facts``
+    of the rest."""
     tokenizer = loaded.tokenizer
-    primary = [tokenize(tokenizer, fact, index) for index, fact in enumerate(facts)]
-    order = np.random.default_rng(config.seed).permutation(len(facts))
+    tokenized = [(fact, tokenize(tokenizer, fact, 0)) for fact in facts]
+    kept = [(fact, prompt) for fact, prompt in tokenized if prompt is not None]
+    if not kept:
+        raise QuantdiagError(f"none of the {len(facts)} facts can be scored: no object has a letter or digit")
+    primary = [replace(prompt, fact=index) for index, (_, prompt) in enumerate(kept)]
+    scored = [fact for fact, _ in kept]
+    order = np.random.default_rng(config.seed).permutation(len(scored))
     sample = sorted(order[: config.robustness_facts].tolist())
-    robustness = [
-        tokenize(tokenizer, facts[index], index, text)
+    paraphrased = (
+        tokenize(tokenizer, scored[index], index, text)
         for index in sample
-        for text in robustness_texts(facts[index], config.max_paraphrases)
-    ]
-    return PromptSet(primary, robustness)
+        for text in robustness_texts(scored[index], config.max_paraphrases)
+    )
+    robustness = [prompt for prompt in paraphrased if prompt is not None]
+    return PromptSet(primary, robustness, scored, len(facts) - len(scored))
 
 
 def evaluate(context: RunContext, spec: ComparedSpec | None, lens_rows: np.ndarray) -> Evaluated:

@@ -36,6 +36,10 @@ CHECKPOINT_NOTE = (
     "A checkpoint is compared through its block linears, swapped into the reference model: its "
     "embeddings, norms and output head are the reference's."
 )
+DROPPED_NOTE = (
+    "Facts not scored: {count} (no token of the object carries a letter or digit; the answer target "
+    "is the object's first token that does)."
+)
 SWAP_NOTE = (
     "Each setting is quantized once and cached; every compared model is the reference model with "
     "the dequantized weights of that setting swapped into its linear layers (no re-quantization)."
@@ -120,7 +124,7 @@ def build_results(
         if analyses.repairs
         else None,
         "settings": settings,
-        "notes": _notes(config, evaluated, bank),
+        "notes": _notes(config, evaluated, bank, prompts.dropped),
         "verdict_rules": rules(),
     }
     for setting in settings[1:]:
@@ -171,8 +175,10 @@ def _causal(arrays: dict[str, np.ndarray], prompts: PromptSet, loaded: LoadedMod
     return out
 
 
-def _notes(config: RunConfig, evaluated: list[Evaluated], bank: WeightBank) -> list[str]:
+def _notes(config: RunConfig, evaluated: list[Evaluated], bank: WeightBank, dropped: int) -> list[str]:
     notes = [SWAP_NOTE] + ([CHECKPOINT_NOTE] if config.compare else [])
+    if dropped:
+        notes.append(DROPPED_NOTE.format(count=dropped))
     if config.model == DEFAULT_MODEL:
         notes.insert(0, REFERENCE_NOTE_SMOLLM2)
     quantized = [item.spec for item in evaluated if isinstance(item.spec, QuantSpec)]

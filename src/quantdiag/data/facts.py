@@ -92,26 +92,45 @@ def load_pararel(relations: list[str] | None, per_relation: int | None, seed: in
 
 def load_user_facts(path: Path) -> list[Fact]:
     """JSONL with ``subject``, ``object`` and ``template`` (containing ``[X]``; ``[Y]`` optional,
-    at the end) a line; ``relation`` optional."""
+    at the end) a line; ``relation`` optional. UTF-8, a byte-order mark allowed."""
     if not path.is_file():
         raise QuantdiagError(f"facts file not found: {path}")
-    facts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            subject, obj, template = str(row["subject"]), str(row["object"]), str(row["template"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise QuantdiagError(f"{path}:{number}: need JSON with subject, object and template") from exc
-        if "[X]" not in template or ("[Y]" in template and not template.rstrip(" .").endswith("[Y]")):
-            raise QuantdiagError(f"{path}:{number}: the template needs [X], and [Y] (if any) at its end")
-        if "[Y]" not in template:
-            template = template.rstrip() + " [Y]"
-        facts.append(Fact(str(row.get("relation", "user")), subject, obj, template))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise QuantdiagError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
+    lines = enumerate(text.split("\n"), start=1)  # not splitlines(): JSON strings may hold U+2028
+    facts = [_user_fact(line, f"{path}:{number}") for number, line in lines if line.strip()]
     if not facts:
         raise QuantdiagError(f"facts file {path} is empty")
     return facts
+
+
+def _user_fact(line: str, where: str) -> Fact:
+    """One line of a facts file as a Fact; ``where`` (file:line) leads every error message."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict) or not {"subject", "object", "template"} <= row.keys():
+        raise QuantdiagError(f"{where}: need JSON: an object with subject, object and template")
+    fields = [row[key] for key in ("subject", "object", "template")]
+    if not all(isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in fields):
+        raise QuantdiagError(f"{where}: subject, object and template must be strings or whole numbers")
+    subject, obj, template = map(str, fields)
+    if not subject.strip() or not obj.strip():
+        raise QuantdiagError(f"{where}: empty {'subject' if not subject.strip() else 'object'}")
+    if "[X]" not in template:
+        raise QuantdiagError(f"{where}: the template needs [X] where the subject goes")
+    if template.count("[Y]") > 1 or ("[Y]" in template and not template.rstrip(" .").endswith("[Y]")):
+        raise QuantdiagError(f"{where}: [Y] must occur once, at the template's end (only spaces or a period after it)")
+    template = template if "[Y]" in template else template.rstrip() + " [Y]"
+    fact = Fact(str(row.get("relation", "user")), subject, obj, template)
+    if subject not in fact.text:
+        raise QuantdiagError(f"{where}: the subject does not occur in the prompt '{fact.text}'")
+    return fact
 
 
 def robustness_texts(fact: Fact, max_paraphrases: int | None) -> list[str]:
@@ -121,9 +140,10 @@ def robustness_texts(fact: Fact, max_paraphrases: int | None) -> list[str]:
     return [ROBUSTNESS_WRAPPER.format(cloze=cloze) for cloze in clozes]
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: str | None = None) -> Prompt:
-    """Token ids of ``text`` (default: the primary prompt), the target token (first token of
-    " " + object after the prompt) and the subject's token span from the offsets."""
+def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: str | None = None) -> Prompt | None:
+    """Token ids of ``text`` (default: the primary prompt) and of the answer's leading tokens, the
+    target token (``answer_tokens``) and the subject's token span from the offsets; ``None`` when
+    no target can be formed."""
     text = fact.text if text is None else text
     encoded = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -132,12 +152,33 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: s
     span = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if start < 0 or not span:
         raise QuantdiagError(f"subject '{fact.subject}' not found in prompt '{text}'")
-    return Prompt(index, tuple(ids), target_token(tokenizer, text, ids, fact.object), (span[0], span[-1] + 1))
+    answer = answer_tokens(tokenizer, text, ids, fact.object)
+    if answer is None:
+        return None
+    lead, target = answer
+    return Prompt(index, (*ids, *lead), target, (span[0], span[-1] + 1))
 
 
-def target_token(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str) -> int:
-    """The first token the model must produce to say " " + ``obj`` after ``text``."""
-    full = tokenizer(text + " " + obj)["input_ids"]
-    if full[: len(ids)] == ids and len(full) > len(ids):
-        return full[len(ids)]
-    return tokenizer(" " + obj, add_special_tokens=False)["input_ids"][0]
+def answer_tokens(
+    tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str
+) -> tuple[tuple[int, ...], int] | None:
+    """The tokens the model must produce to say " " + ``obj`` after ``text`` (its ``ids``), split
+    at the first that carries content (a letter or digit): (the whitespace/punctuation tokens before
+    it, that target token); ``None`` if no token carries content."""
+    source = text + " " + obj
+    encoded = tokenizer(source, return_offsets_mapping=True)
+    tokens, offsets = encoded["input_ids"][len(ids) :], encoded["offset_mapping"][len(ids) :]
+    if encoded["input_ids"][: len(ids)] != ids:  # the object's tokens merged into the prompt's
+        source = " " + obj
+        encoded = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
+        tokens, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    for position, (a, b) in enumerate(offsets):
+        if any(character.isalnum() for character in source[a:b]):
+            return tuple(tokens[:position]), tokens[position]
+    return None
+
+
+def target_token(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str) -> int | None:
+    """The target token alone (``answer_tokens``), for checking a candidate object."""
+    answer = answer_tokens(tokenizer, text, ids, obj)
+    return None if answer is None else answer[1]
