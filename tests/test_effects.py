@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantdiag.analysis.effects import as_json, drop, early_last_subject, from_json, hotspot, per_token_restoration, restoration
+from quantdiag.analysis.effects import (
+    as_json,
+    drop,
+    early_last_subject,
+    from_json,
+    hotspot,
+    per_token_restoration,
+    restoration,
+)
 from quantdiag.analysis.positions import GROUPS, token_groups
 
 NAN = np.nan
@@ -84,7 +92,8 @@ def test_drop_is_relative_to_the_clean_probability_of_the_prompts_that_have_the_
         atol=1e-6,
     )
     # drop / clean mean: 0.275 / 0.725, 0.325 / 0.725, 0.03 / 0.55, 0.35 / 1.95, 0.1 / 0.5, -, 0.95 / 1.95
-    np.testing.assert_allclose(maps["relative_drop"][0], [0.37931, 0.448276, 0.054545, 0.179487, 0.2, NAN, 0.487179], atol=1e-6)
+    relative = [0.37931, 0.448276, 0.054545, 0.179487, 0.2, NAN, 0.487179]
+    np.testing.assert_allclose(maps["relative_drop"][0], relative, atol=1e-6)
 
 
 def test_hotspot_concentration_is_the_share_of_the_top_five_percent():
