@@ -28,6 +28,7 @@ SHAPES = {"robust": [(5, (1, 3)), (3, (0, 1)), (5, (2, 4))], "failure": [(4, (1,
 #: ROME's window of w layers around l, as (first, last) offsets from l.
 KINDS = ("resid", "mlp", "attn")
 WINDOWS = {1: (0, 0), 2: (-1, 0), 3: (-1, 1)}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(model: torch.nn.Module, kind: str, layer: int) -> torch.nn.Module:
@@ -125,15 +126,6 @@ def _expected(model, bank: WeightBank, subsets: dict[str, list[Prompt]], plan: C
                     grid = _loop(model, prompt, kind, plan.window, values[analysis])
                     out[f"{name}/{analysis}/{kind}"][row, :, :length] = grid
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny forwards: one thread is several times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["llama", "gemma2"])
