@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from quantdiag.analysis.forward import score_prompts
 from quantdiag.analysis.sensitivity import (
     block_sweeps,
@@ -76,10 +76,10 @@ def _plain_forwards(model: torch.nn.Module, prompts) -> tuple[np.ndarray, torch.
     return correct, torch.stack(last).view(len(prompts), len(model.model.layers), -1)
 
 
-def _apply(bank: WeightBank, plan: PrecisionPlan, setting_of_layer) -> None:
-    """Apply ``plan`` and check that every linear of block l holds ``setting_of_layer(l)``."""
+def _apply(bank: WeightBank, plan: PrecisionPlan, by_layer: list[str]) -> None:
+    """Apply ``plan`` and check that every linear of block l holds the setting ``by_layer[l]``."""
     bank.apply(plan)
-    assert bank.current == {name: setting_of_layer(bank.layers[name]) for name in bank.modules}
+    assert bank.current == {name: by_layer[bank.layers[name]] for name in bank.modules}
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
@@ -90,9 +90,9 @@ def test_block_sweeps_equal_plain_forwards_of_each_plan(family):
     layers = loaded.adapter.n_layers
     plain = {"domino": [], "single": []}
     for k in range(layers):
-        _apply(bank, blocks_plan(LOW.key, 0, k + 1), lambda layer: LOW.key if layer <= k else REFERENCE)  # blocks 0..k
+        _apply(bank, blocks_plan(LOW.key, 0, k + 1), [LOW.key] * (k + 1) + [REFERENCE] * (layers - k - 1))  # 0..k
         plain["domino"].append(_plain_forwards(loaded.model, prompts)[0])
-        _apply(bank, blocks_plan(LOW.key, k, k + 1), lambda layer: LOW.key if layer == k else REFERENCE)  # block k
+        _apply(bank, blocks_plan(LOW.key, k, k + 1), [REFERENCE] * k + [LOW.key] + [REFERENCE] * (layers - k - 1))
         plain["single"].append(_plain_forwards(loaded.model, prompts)[0])
     np.testing.assert_array_equal(domino, plain["domino"])
     np.testing.assert_array_equal(single, plain["single"])
@@ -112,7 +112,7 @@ def test_injection_at_every_k_equals_its_plan(llama):
     for h, high in enumerate(highs):
         cosines = []
         for k in range(layers + 1):
-            _apply(bank, blocks_plan(high, 0, k, default=LOW.key), lambda layer: high if layer < k else LOW.key)
+            _apply(bank, blocks_plan(high, 0, k, default=LOW.key), [high] * k + [LOW.key] * (layers - k))
             correct, last = _plain_forwards(llama.model, prompts)
             cosines.append(F.cosine_similarity(last, reference, dim=-1).mean(0).numpy())
             assert arrays["accuracy"][h, k] == correct.mean(), (high, k)
