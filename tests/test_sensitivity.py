@@ -1,5 +1,5 @@
-"""Sensitivity maps (METHODS 6): plans, the prefix-reusing sweeps against full forwards, signal
-injection's end points, and the summaries."""
+"""Sensitivity maps (METHODS 6): plans, the prefix-reusing sweeps and signal injection at every k
+against plain forwards of the plan each k names, and the summaries."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-
+import torch
+import torch.nn.functional as F
 from conftest import tiny_model
+
 from quantdiag.analysis.forward import score_prompts
 from quantdiag.analysis.sensitivity import (
     block_sweeps,
@@ -24,6 +26,7 @@ from quantdiag.quant.plans import COMPONENT_GROUPS, blocks_plan, component_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 
 LOW, HIGH = QuantSpec("rtn", 2, 32, True), QuantSpec("rtn", 8, 32, True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(loaded, count: int = 10):
@@ -54,17 +57,69 @@ def test_a_plan_quantizing_nothing_is_the_reference(llama):
     assert correct_under(llama, bank, blocks_plan(LOW.key, 0, 0), prompts, 4).all()
 
 
+@torch.no_grad()
+def _plain_forwards(model: torch.nn.Module, prompts) -> tuple[np.ndarray, torch.Tensor]:
+    """One full forward per prompt: whether the argmax is the target, and the last token's output
+    of every decoder layer (prompts x layers x d), read by forward hooks."""
+    last = []
+
+    def record(_module, _args, output):
+        last.append((output[0] if isinstance(output, tuple) else output)[0, -1])
+
+    handles = [block.register_forward_hook(record) for block in model.model.layers]
+    try:
+        answers = [model(input_ids=torch.tensor([p.ids])).logits[0, -1].argmax().item() for p in prompts]
+    finally:
+        for handle in handles:
+            handle.remove()
+    correct = np.array([answer == p.target for answer, p in zip(answers, prompts)])
+    return correct, torch.stack(last).view(len(prompts), len(model.model.layers), -1)
+
+
+def _apply(bank: WeightBank, plan: PrecisionPlan, by_layer: list[str]) -> None:
+    """Apply ``plan`` and check that every linear of block l holds the setting ``by_layer[l]``."""
+    bank.apply(plan)
+    assert bank.current == {name: by_layer[bank.layers[name]] for name in bank.modules}
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
-def test_block_sweeps_equal_full_forwards_of_each_plan(family):
+def test_block_sweeps_equal_plain_forwards_of_each_plan(family):
     loaded = tiny_model(family)
     bank, prompts = _setup(loaded)
     domino, single = block_sweeps(loaded, bank, LOW.key, prompts, 4)
     layers = loaded.adapter.n_layers
+    plain = {"domino": [], "single": []}
+    for k in range(layers):
+        _apply(bank, blocks_plan(LOW.key, 0, k + 1), [LOW.key] * (k + 1) + [REFERENCE] * (layers - k - 1))  # 0..k
+        plain["domino"].append(_plain_forwards(loaded.model, prompts)[0])
+        _apply(bank, blocks_plan(LOW.key, k, k + 1), [REFERENCE] * k + [LOW.key] + [REFERENCE] * (layers - k - 1))
+        plain["single"].append(_plain_forwards(loaded.model, prompts)[0])
+    np.testing.assert_array_equal(domino, plain["domino"])
+    np.testing.assert_array_equal(single, plain["single"])
     assert not domino[-1].all()  # the 2-bit model loses answers: the comparison means something
-    full_domino = np.stack([correct_under(loaded, bank, blocks_plan(LOW.key, 0, k + 1), prompts, 4) for k in range(layers)])
-    full_single = np.stack([correct_under(loaded, bank, blocks_plan(LOW.key, k, k + 1), prompts, 4) for k in range(layers)])
-    np.testing.assert_array_equal(domino, full_domino)
-    np.testing.assert_array_equal(single, full_single)
+
+
+def test_injection_at_every_k_equals_its_plan(llama):
+    """k = 0..L: blocks below k at the high setting, the rest at 2-bit; accuracy and the mean
+    cosine of every block's last-token output with the reference's."""
+    bank, prompts = _setup(llama)
+    highs = [REFERENCE, HIGH.key]
+    arrays = injection_arrays(llama, bank, LOW.key, highs, prompts, 4)
+    layers = llama.adapter.n_layers
+    assert arrays["cosine"].shape == (len(highs), layers + 1, layers)
+    bank.apply(PrecisionPlan.uniform(REFERENCE))
+    _, reference = _plain_forwards(llama.model, prompts)
+    for h, high in enumerate(highs):
+        cosines = []
+        for k in range(layers + 1):
+            _apply(bank, blocks_plan(high, 0, k, default=LOW.key), [high] * k + [LOW.key] * (layers - k))
+            correct, last = _plain_forwards(llama.model, prompts)
+            cosines.append(F.cosine_similarity(last, reference, dim=-1).mean(0).numpy())
+            assert arrays["accuracy"][h, k] == correct.mean(), (high, k)
+        np.testing.assert_allclose(arrays["cosine"][h], cosines, atol=1e-5, err_msg=high)
+        assert np.abs(np.diff(cosines, axis=0)).max(axis=1).min() > 1e-3  # every extra block moves the curve
+    np.testing.assert_allclose(arrays["cosine"][0, -1], 1, rtol=1e-5)  # every block at the reference
+    assert arrays["accuracy"][0, -1] == 1 and arrays["accuracy"][0, 0] < 1
 
 
 def test_sensitivity_arrays_cover_every_test(llama):
@@ -75,20 +130,10 @@ def test_sensitivity_arrays_cover_every_test(llama):
     assert set(bank.current.values()) == {REFERENCE}
 
 
-def test_injection_end_points_are_the_low_and_high_models(llama):
-    bank, prompts = _setup(llama)
-    arrays = injection_arrays(llama, bank, LOW.key, [REFERENCE, HIGH.key], prompts, 4)
-    layers = llama.adapter.n_layers
-    assert arrays["cosine"].shape == (2, layers + 1, layers)
-    np.testing.assert_allclose(arrays["cosine"][0, -1], 1, rtol=1e-5)  # every block at the reference
-    assert arrays["accuracy"][0, -1] == 1
-    np.testing.assert_allclose(arrays["cosine"][0, 0], arrays["cosine"][1, 0])  # k = 0: the 2-bit model either way
-    assert arrays["accuracy"][0, 0] == correct_under(llama, bank, PrecisionPlan.uniform(LOW.key), prompts, 4).mean()
-    assert arrays["cosine"][0, 0, -1] < 0.999
-
-
 def test_half_damage_block_and_summary():
-    assert half_damage_block(np.array([1.0, 0.9, 0.5, 0.2, 0.0])) == 2
+    assert half_damage_block(np.array([1.0, 0.9, 0.5, 0.2, 0.0])) == 2  # loss 1: first k at <= 1 - 1 / 2
+    # loss 1 - 0.25 = 0.75 from the reference's 1 (not from block 0's 0.75): first k at <= 1 - 0.375
+    assert half_damage_block(np.array([0.75, 0.625, 0.5, 0.25])) == 1
     assert half_damage_block(np.array([1.0, 1.0])) is None
     correct = np.array([[1, 1, 0, 1], [0, 1, 0, 0]], dtype=bool)  # 2 layers x 4 prompts
     arrays = {"domino": correct, "single": correct, "component/v": correct[1], "failure": np.array([0, 0, 1, 1])}
