@@ -158,7 +158,12 @@ def test_cka_on_1_or_2_prompts_is_what_the_report_says(subsets_run):
 
 
 def test_every_section_renders_or_says_why_for_subsets_of_0_1_and_2_prompts(subsets_run):
-    sections = _sections(subsets_run.read_text())
+    html = subsets_run.read_text()
+    verdicts = [s["verdict"]["verdict"] for s in _results(subsets_run)["settings"][1:]]
+    cards = re.findall(r'<section class="card (\w+)">\s*<h3>([^<]+)</h3>', html)
+    assert cards == list(zip(verdicts, ("zero (float)", "one (float)", "two (float)")))
+    assert "<th>zero (float)</th><th>one (float)</th><th>two (float)</th></tr>" in html  # the signature table
+    sections = _sections(html)
     empty_failure = "The Failure subset is empty: zero (float) recalls every fact the reference recalls."
     no_repairs = "Not run: the repairs need 2 Failure prompts or more (a dev split to tune on, a test split to score); "
     no_repairs += "this subset has"
