@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from quantdiag.analysis.effects import early_last_subject, from_json, hotspot
 from quantdiag.analysis.positions import GROUPS
 from quantdiag.report.plots import Section
+from quantdiag.report.readings import empty_subset, ran
 
 KIND_LABELS = {"resid": "residual", "mlp": "MLP output", "attn": "attention output"}
 #: analysis -> (metric in results.json, colour-bar label, its definition, colormap, value range)
@@ -21,13 +22,18 @@ METRICS = {
     "patching": ("restoration", "restoration", "(p_patched - p_Q) / (p_R - p_Q)", "Purples", (0.0, 1.0)),
     "ablation": ("relative_drop", "share of p(answer) lost", "", "RdBu_r", (-1.0, 1.0)),
 }
+#: The per-token view draws at most the prompt's last this many tokens (a row each).
+MAX_TOKENS = 48
 
 
 def causal_sections(results: dict) -> Iterator[Section]:
     """(id, title, figure, readings) of every causal figure the results have data for, drawn one
-    at a time as they are asked for."""
+    at a time as they are asked for; a line for each empty subset."""
     for method in results["subsets"]:
         for subset in ("failure", "robust"):
+            if ran(results, *METRICS) and not results["subsets"][method][subset]:
+                title = f"Causal effects, {method.upper()}, {subset.capitalize()} subset"
+                yield (f"causal-{method}-{subset}", title, None, empty_subset(results, method, subset))
             for analysis in METRICS:
                 drawn = heatmaps(results, method, subset, analysis)
                 if drawn:
@@ -92,7 +98,7 @@ def _reading(label: str, kind: str, analysis: str, cells: np.ndarray) -> str:
 
 def token_view(results: dict, method: str) -> tuple[Figure, list[str]] | None:
     """Residual patching of the first sampled prompt of the Failure subset (else Robust), per
-    token and layer, one panel per setting."""
+    token and layer, one panel per setting; only the last ``MAX_TOKENS`` tokens of a long prompt."""
     for subset in ("failure", "robust"):
         key = f"{method}:{subset}"
         columns = [s for s in _columns(results, key, "patching") if s["method"] == method and "example" in s["causal"][key]]
@@ -101,15 +107,18 @@ def token_view(results: dict, method: str) -> tuple[Figure, list[str]] | None:
     else:
         return None
     example = columns[0]["causal"][key]["example"]
-    tokens = example["tokens"]
+    tokens = example["tokens"][-MAX_TOKENS:]
     fig, axes = plt.subplots(1, len(columns), figsize=(1.6 + 3.2 * len(columns), 1.2 + 0.28 * len(tokens)), squeeze=False, sharey=True, layout="constrained")
     for ax, setting in zip(axes[0], columns):
-        grid = from_json(setting["causal"][key]["example"]["restoration"])
+        grid = from_json(setting["causal"][key]["example"]["restoration"])[:, -len(tokens) :]
         image = ax.imshow(np.clip(grid.T, 0, 1), aspect="auto", cmap="Purples", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(setting["label"], fontsize=9)
         ax.set_yticks(range(len(tokens)), [repr(token) for token in tokens], fontsize=8)
         ax.set_xlabel("layer")
     fig.colorbar(image, ax=axes, label="restoration", shrink=0.8)
     fig.suptitle(f"Residual patching per token, {subset.capitalize()} subset, {method.upper()}")
-    text = "".join(tokens)
-    return fig, [f"Prompt {text!r}, answer {example['target']!r}: each cell patches one token's residual at one layer."]
+    text, total = "".join(tokens), len(example["tokens"])
+    prompt = f"Prompt {text!r}"
+    if total > len(tokens):
+        prompt = f"Prompt {'…' + text!r} (only its last {len(tokens)} of {total} tokens drawn)"
+    return fig, [f"{prompt}, answer {example['target']!r}: each cell patches one token's residual at one layer."]

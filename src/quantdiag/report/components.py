@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from quantdiag.report.plots import BITS_COLORS, REFERENCE_COLOR, Section
+from quantdiag.report.readings import empty_subset, ran
 
 PANELS = {
     "entropy_subject": "attention entropy at the last subject token",
@@ -22,12 +23,15 @@ PANELS = {
 
 
 def component_sections(results: dict) -> Iterator[Section]:
-    """(id, title, figure, reading) per method whose settings have component curves."""
+    """(id, title, figure, reading) per method whose settings have component curves; a line
+    instead where its Failure subset is empty."""
     for method in results["subsets"]:
-        key = f"{method}:failure"
+        key, title = f"{method}:failure", f"Components, {method.upper()}, Failure subset"
         rows = [s for s in results["settings"] if s["method"] in (None, method) and (s.get("components") or {}).get(key)]
         if len(rows) > 1:
-            yield (f"components-{method}", f"Components, {method.upper()}, Failure subset", _figure(rows, key), _reading(rows, key))
+            yield (f"components-{method}", title, _figure(rows, key), _reading(rows, key))
+        elif ran(results, "components") and not results["subsets"][method]["failure"]:
+            yield (f"components-{method}", title, None, empty_subset(results, method, "failure"))
 
 
 def _figure(settings: list[dict], key: str) -> Figure:

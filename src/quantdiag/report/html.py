@@ -1,6 +1,7 @@
 """The self-contained ``report.html``: figures embedded as PNG (also saved as PNG and SVG in
 ``figures/``), the verdict cards and their evidence first, then a summary table and the evidence with a one-line reading under each
-figure (a list of them under multi-panel causal figures)."""
+figure (a list of them under multi-panel causal figures). Every string is HTML-escaped and drawn
+without mathtext: names, labels and decoded tokens are the user's and the model's, not markup."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader
 from matplotlib.figure import Figure
 
 from quantdiag.report import plots
@@ -25,15 +26,23 @@ from quantdiag.report.verdict import signature_table, verdict_cards
 from quantdiag.runs import RunDir
 from quantdiag.storage import atomic_file
 
-_ENV = Environment(loader=PackageLoader("quantdiag", "report/templates"), autoescape=select_autoescape())
+_ENV = Environment(loader=PackageLoader("quantdiag", "report/templates"), autoescape=True)
+#: Drawn text is literal: a ``$`` in a label or a relation is not mathtext.
+LITERAL_TEXT = {"text.parse_math": False}
 
 
 def write_report(run_dir: RunDir, results: dict) -> Path:
-    """Draw every figure, save it, and render the report atomically."""
-    figures = [
-        {"id": name, "title": title, "png": _save(figure, run_dir.figures / name), "reading": reading}
-        for name, title, figure, reading in _sections(results)
-    ]
+    """Draw every figure, save it, remove figures left by an earlier report, and render the
+    report atomically."""
+    with plt.rc_context(LITERAL_TEXT):
+        figures = [
+            {"id": name, "title": title, "png": figure and _save(figure, run_dir.figures / name), "reading": reading}
+            for name, title, figure, reading in _sections(results)
+        ]
+    written = {f"{figure['id']}{suffix}" for figure in figures if figure["png"] for suffix in (".png", ".svg")}
+    for stale in run_dir.figures.iterdir():
+        if stale.name not in written:
+            stale.unlink()
     html = _ENV.get_template("report.html.j2").render(
         results=results,
         cards=verdict_cards(results),
@@ -58,7 +67,7 @@ def _sections(results: dict) -> Iterator[Section]:
     yield from representation_sections(results)
     yield from sensitivity_sections(results)
     yield from repair_sections(results)
-    yield ("relations", "Accuracy per relation", plots.relation_heatmap(results), "")
+    yield ("relations", "Accuracy per relation", *plots.relation_heatmap(results))
 
 
 def _save(figure: Figure, stem: Path) -> str:

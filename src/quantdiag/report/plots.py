@@ -15,8 +15,11 @@ from quantdiag.analysis.recall import RANK_BUCKETS  # noqa: E402
 REFERENCE_COLOR = "#222222"
 BITS_COLORS = {8: "#2b8cbe", 6: "#41b6c4", 5: "#7fcdbb", 4: "#fdae61", 3: "#f46d43", 2: "#d73027", 7: "#3690c0"}
 METHOD_MARKERS = {"rtn": "s", "gptq": "o"}
-#: A report section: id, title, figure, and its reading (one line, or one per panel).
-Section = tuple[str, str, Figure, str | list[str]]
+#: The relation heatmap draws at most this many relations (a row each).
+MAX_RELATIONS = 40
+#: A report section: id, title, figure (``None``: the reading says why there is none), and its
+#: reading (one line, or one per panel).
+Section = tuple[str, str, Figure | None, str | list[str]]
 
 
 def _reference(results: dict) -> dict:
@@ -101,15 +104,28 @@ def lens_curves(results: dict, method: str) -> Figure:
     return fig
 
 
-def relation_heatmap(results: dict) -> Figure:
-    """Accuracy per relation (rows) and setting (columns)."""
+def relation_heatmap(results: dict) -> tuple[Figure, str]:
+    """Accuracy per relation (rows) and setting (columns); of many relations only the
+    ``MAX_RELATIONS`` where a compared setting loses the most against the reference."""
     settings = results["settings"]
-    relations = list(settings[0]["recall"]["per_relation"])
-    grid = np.array([[s["recall"]["per_relation"][r] for s in settings] for r in relations])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(settings), 1.2 + 0.24 * len(relations)), layout="constrained")
+    accuracy = {r: [s["recall"]["per_relation"][r] for s in settings] for r in settings[0]["recall"]["per_relation"]}
+    relations = list(accuracy)
+    if len(relations) > MAX_RELATIONS:
+        loss = {r: max((accuracy[r][0] - a for a in accuracy[r][1:]), default=0.0) for r in relations}
+        relations = sorted(relations, key=lambda r: -loss[r])[:MAX_RELATIONS]
+    grid = np.array([accuracy[r] for r in relations])
+    # Room for the tick labels: relation names beside the rows, setting labels at 45 degrees below.
+    names, labels = max(map(len, relations)), max(len(s["label"]) for s in settings)
+    size = (1.0 + 0.75 * len(settings) + 0.075 * names, 1.2 + 0.24 * len(relations) + 0.055 * labels)
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
     image = ax.imshow(100 * grid, aspect="auto", cmap="viridis", vmin=0, vmax=100)
     ax.set_xticks(range(len(settings)), [s["label"] for s in settings], rotation=45, ha="right")
     ax.set_yticks(range(len(relations)), relations)
-    ax.set(title="Accuracy per relation", xlabel="setting", ylabel="ParaRel relation")
+    ax.set(title="Accuracy per relation", xlabel="setting", ylabel="relation")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
-    return fig
+    if len(relations) == len(accuracy):
+        return fig, ""
+    return fig, (
+        f"Only {len(relations)} of the {len(accuracy)} relations are drawn: those where a compared setting loses "
+        "the most accuracy against the reference, largest loss first."
+    )

@@ -5,6 +5,19 @@ from __future__ import annotations
 from quantdiag.analysis.lens import signal_layer
 
 
+def ran(results: dict, *analyses: str) -> bool:
+    """Whether the run asked for any of ``analyses``."""
+    return any(a in results["config"]["analyses"] for a in analyses)
+
+
+def empty_subset(results: dict, method: str, subset: str) -> str:
+    """Why ``method`` has nothing to show on its empty ``subset``."""
+    defined_by = results["subsets"][method]["defined_by"]
+    if subset == "failure":
+        return f"The Failure subset is empty: {defined_by} recalls every fact the reference recalls."
+    return f"The Robust subset is empty: {defined_by} recalls none of the facts the reference recalls."
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
@@ -64,5 +77,5 @@ def lens_reading(results: dict, method: str) -> str:
         where = f"p>=0.1 from layer {layer}" if layer is not None else "never reaches p=0.1"
         parts.append(f"{setting['label']}: {where} (peak {peak:.2f}, final median rank {curve['median_rank'][-1]:g})")
     if not parts:
-        return "The Failure subset is empty: the 4-bit model recalls every fact the reference recalls."
+        return empty_subset(results, method, "failure")
     return "Failure subset: " + "; ".join(parts) + "."

@@ -12,16 +12,27 @@ from matplotlib.figure import Figure
 
 from quantdiag.analysis.repairs import REPAIR_NAMES
 from quantdiag.report.plots import Section
+from quantdiag.report.readings import ran
 
+#: Fewer Failure prompts than this and the pipeline runs no repairs (no dev/test split).
+MIN_FAILURE = 2
 LABELS = {name: "baseline" if name == "baseline" else f"+ {words}" for name, words in REPAIR_NAMES.items()}
 
 
 def repair_sections(results: dict) -> Iterator[Section]:
-    """One repair table per method with repair results."""
+    """One repair table per method with repair results; a line instead where its Failure subset
+    is too small to split."""
     for method in results["subsets"]:
         settings = [s for s in results["settings"] if s["method"] == method and s.get("repairs")]
+        failure = results["subsets"][method]["failure"]
         if settings:
             yield (f"repairs-{method}", f"Repairs, {method.upper()}", *repair_table(settings))
+        elif ran(results, "repairs") and failure < MIN_FAILURE:
+            reason = (
+                f"Not run: the repairs need {MIN_FAILURE} Failure prompts or more (a dev split to tune on, "
+                f"a test split to score); this subset has {failure}."
+            )
+            yield (f"repairs-{method}", f"Repairs, {method.upper()}", None, reason)
 
 
 def repair_table(settings: list[dict]) -> tuple[Figure, list[str]]:
@@ -55,7 +66,9 @@ def _reading(setting: dict) -> str:
     baseline = _row(setting, "baseline")
     best = max(rows, key=lambda row: (row["failure"], -row["average_bits"]))
     robust = "" if best["robust"] is None else f", Robust {best['robust']:.0%}"
-    return (
-        f"{setting['label']}: baseline {baseline['failure']:.0%} on the Failure test split; best {LABELS[best['repair']]} "
-        f"{best['failure']:.0%}{robust} at {best['average_bits']:.2f} bits (m = {table['blocks']} blocks, alpha = {table['alpha']:g})."
-    )
+    start = f"{setting['label']}: baseline {baseline['failure']:.0%} on the Failure test split"
+    chosen = f"(m = {table['blocks']} blocks, alpha = {table['alpha']:g})"
+    if best["failure"] <= baseline["failure"]:
+        return f"{start}; no repair does better {chosen}."
+    repair = f"{LABELS[best['repair']]} {best['failure']:.0%}{robust}"
+    return f"{start}; best {repair} at {best['average_bits']:.2f} bits {chosen}."

@@ -1,7 +1,8 @@
 """The report's representation section (METHODS 5): per method, on the Failure subset, layer x
 layer CKA heatmaps side by side (the reference against itself, then each setting against the
 reference) at the last subject token and the last token, and per-layer curves of the CKA
-diagonal and the residual stream's subspace similarities, each with a one-line reading."""
+diagonal and the residual stream's subspace similarities, each with a one-line reading (CKA only
+over 3 prompts or more)."""
 
 from __future__ import annotations
 
@@ -14,24 +15,43 @@ from matplotlib.figure import Figure
 from quantdiag.analysis.effects import from_json
 from quantdiag.report.causal import KIND_LABELS
 from quantdiag.report.plots import BITS_COLORS, REFERENCE_COLOR, Section
+from quantdiag.report.readings import empty_subset, ran
 
 POSITION_LABELS = {"subject": "last subject token", "last": "last token"}
 POSITION_STYLES = {"subject": "-", "last": "--"}
+#: Linear CKA over n prompts: undefined for 1 (a centred Gram matrix of zeros), 1 for any two
+#: models for 2 (both centred Gram matrices are multiples of [[1, -1], [-1, 1]]).
+CKA_MIN_PROMPTS = 3
 
 
 def representation_sections(results: dict) -> Iterator[Section]:
-    """(id, title, figure, readings) per method and position with CKA data, then the curves."""
+    """(id, title, figure, readings) per method and position with CKA data, then the curves; a
+    line instead where the Failure subset is empty or too small for CKA."""
     for method in results["subsets"]:
         key = f"{method}:failure"
         columns = [s for s in results["settings"] if s["method"] in (None, method) and key in s.get("representations", {})]
-        if len(columns) < 2:
-            continue
         prompts = results["subsets"][method]["failure"]
-        for position, where in POSITION_LABELS.items():
-            title = f"CKA at the {where}, {method.upper()}, Failure subset ({prompts} prompts)"
-            yield (f"cka-{method}-{position}", title, *cka_heatmaps(columns, key, position))
         title = f"Representation similarity per layer, {method.upper()}, Failure subset ({prompts} prompts)"
-        yield (f"subspaces-{method}", title, *similarity_curves(columns, key))
+        if len(columns) < 2:
+            if ran(results, "representations") and not prompts:
+                yield (f"subspaces-{method}", title, None, empty_subset(results, method, "failure"))
+            continue
+        with_cka = prompts >= CKA_MIN_PROMPTS
+        if with_cka:
+            for position, where in POSITION_LABELS.items():
+                cka_title = f"CKA at the {where}, {method.upper()}, Failure subset ({prompts} prompts)"
+                yield (f"cka-{method}-{position}", cka_title, *cka_heatmaps(columns, key, position))
+        else:
+            cka_title = f"CKA, {method.upper()}, Failure subset ({prompts} prompts)"
+            yield (f"cka-{method}", cka_title, None, _too_few(prompts))
+        yield (f"subspaces-{method}", title, *similarity_curves(columns, key, with_cka))
+
+
+def _too_few(prompts: int) -> str:
+    return (
+        f"Not drawn: linear CKA over {prompts} prompt{'s' * (prompts != 1)} is "
+        f"{'undefined' if prompts < 2 else '1 by construction'}; it needs at least {CKA_MIN_PROMPTS}."
+    )
 
 
 def _cka(setting: dict, key: str, stream: str, position: str) -> np.ndarray:
@@ -60,23 +80,26 @@ def _cka_reading(setting: dict, key: str, position: str) -> str:
     diagonals = {stream: np.diag(_cka(setting, key, stream, position)) for stream in KIND_LABELS}
     means = ", ".join(f"{KIND_LABELS[s]} {np.nanmean(d):.2f}" for s, d in diagonals.items())
     residual = diagonals["resid"]
+    if np.isnan(residual).all():
+        return f"{setting['label']}: mean CKA diagonal {means}; residual undefined at every layer."
     low = int(np.nanargmin(residual))
     return f"{setting['label']}: mean CKA diagonal {means}; residual lowest at layer {low} ({residual[low]:.2f})."
 
 
-def similarity_curves(columns: list[dict], key: str) -> tuple[Figure, list[str]]:
-    """Top: the CKA diagonal (reference layer l vs compared layer l) per stream; bottom: the
-    residual stream's activation-subspace similarity, error-subspace alignment and k."""
+def similarity_curves(columns: list[dict], key: str, with_cka: bool = True) -> tuple[Figure, list[str]]:
+    """Top (``with_cka``): the CKA diagonal (reference layer l vs compared layer l) per stream;
+    bottom: the residual stream's activation-subspace similarity, error-subspace alignment and k."""
     compared = [s for s in columns if s["method"] is not None]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.6), layout="constrained", sharex=True)
-    for ax, (stream, label) in zip(axes[0], KIND_LABELS.items()):
+    rows = 1 + with_cka
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 0.6 + 3.0 * rows), layout="constrained", sharex=True, squeeze=False)
+    for ax, (stream, label) in zip(axes[0] if with_cka else (), KIND_LABELS.items()):
         for setting in compared:
             for position, style in POSITION_STYLES.items():
                 ax.plot(np.diag(_cka(setting, key, stream, position)), ls=style, color=BITS_COLORS.get(setting["bits"]))
         ax.set_title(f"CKA diagonal, {label}", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
     panels = {"activation": "activation-subspace similarity (residual)", "error": "error-subspace alignment (residual)", "k": "k: directions holding 90% of energy"}
-    for ax, (metric, title) in zip(axes[1], panels.items()):
+    for ax, (metric, title) in zip(axes[-1], panels.items()):
         for setting in compared if metric != "k" else compared[:1]:
             for position, style in POSITION_STYLES.items():
                 curve = np.array(setting["representations"][key]["subspaces"][position][metric], dtype=float)
@@ -89,16 +112,16 @@ def similarity_curves(columns: list[dict], key: str) -> tuple[Figure, list[str]]
     handles += [plt.Line2D([], [], color="grey", ls=style, label=POSITION_LABELS[p]) for p, style in POSITION_STYLES.items()]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     fig.suptitle("Is the representation space still the reference's? (1 = same)")
-    return fig, [_subspace_reading(setting, key) for setting in compared]
+    return fig, [_subspace_reading(setting, key, with_cka) for setting in compared]
 
 
-def _subspace_reading(setting: dict, key: str) -> str:
+def _subspace_reading(setting: dict, key: str, with_cka: bool) -> str:
     """Layer means at the last subject token; the paper's error alignment: ~0.3 at 4-bit
     (noise-like), ~0.8 at 2-bit (the error attacks the signal)."""
     at_subject = setting["representations"][key]["subspaces"]["subject"]
     activation, error = (np.nanmean(np.array(at_subject[m], dtype=float)) for m in ("activation", "error"))
-    diagonal = np.nanmean(np.diag(_cka(setting, key, "resid", "subject")))
+    diagonal = f"CKA diagonal {np.nanmean(np.diag(_cka(setting, key, 'resid', 'subject'))):.2f}, " if with_cka else ""
     return (
-        f"{setting['label']}, last subject token, mean over layers: CKA diagonal {diagonal:.2f}, activation subspace {activation:.2f}, "
+        f"{setting['label']}, last subject token, mean over layers: {diagonal}activation subspace {activation:.2f}, "
         f"error alignment {error:.2f} (paper: error alignment ~0.3 at 4-bit, ~0.8 at 2-bit)."
     )

@@ -46,7 +46,7 @@ def sensitivity_curves(settings: list[dict]) -> tuple[Figure, list[str]]:
         axes[row, 0].set_ylabel("accuracy (%)")
     for ax in axes[1]:
         ax.set_xlabel("block k")
-    axes[0, 0].legend(fontsize=8)
+    max(axes.flat, key=lambda ax: len(ax.get_lines())).legend(fontsize=8)
     fig.suptitle("Accuracy with some blocks quantized, the rest at reference precision (reference: 100%)")
     return fig, [_domino_reading(setting) for setting in settings]
 
@@ -82,10 +82,19 @@ def component_table(settings: list[dict]) -> tuple[Figure, list[str]]:
 
 
 def _component_reading(setting: dict) -> str:
-    """The group whose quantization alone costs the most (mean of the Robust and Failure accuracies)."""
-    accuracy = {g: np.mean(list(v.values())) for g, v in setting["sensitivity"]["components"].items() if v}
+    """The group whose quantization alone costs the most (mean of the accuracies of the subsets
+    measured: Robust and Failure, or the one that is not empty)."""
+    groups = setting["sensitivity"]["components"]
+    accuracy = {g: np.mean(list(v.values())) for g, v in groups.items() if v}
     worst = min((g for g in accuracy if g != "all"), key=accuracy.get)
-    return f"{setting['label']}: the most damaging group is {worst} ({accuracy[worst]:.0%}; every linear: {accuracy['all']:.0%}), mean of the Robust and Failure accuracies."
+    measured = [subset.capitalize() for subset in SUBSETS if subset in groups["all"]]
+    over = "mean of the Robust and Failure accuracies"
+    if len(measured) == 1:
+        over = f"{measured[0]} accuracy (the other subset is empty)"
+    every = f"every linear: {accuracy['all']:.0%}"
+    if accuracy[worst] >= 1.0:
+        return f"{setting['label']}: no group alone costs accuracy ({every}), {over}."
+    return f"{setting['label']}: the most damaging group is {worst} ({accuracy[worst]:.0%}; {every}), {over}."
 
 
 def injection_figure(injection: dict, labels: dict[str, str]) -> tuple[Figure, list[str]]:
