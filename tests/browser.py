@@ -13,7 +13,7 @@ import pytest
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_chromium = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
-    reason="needs headless Chromium: apt install chromium chromium-driver (.ci/run installs them)",
+    reason="needs headless Chromium: apt install chromium chromium-driver (make test installs them)",
 )
 #: Flags for a sandboxed machine with no network: without the networking ones Chromium keeps
 #: trying to reach Google's hosts.
