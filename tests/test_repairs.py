@@ -1,4 +1,4 @@
-"""Repairs (METHODS 7): amplification, splits, kurtosis protection, m, and the repair table on a
+"""Repairs (METHODS 7): kurtosis protection, m, and the repair table on a
 tiny model."""
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantdiag.analysis.amplify import amplified_correct, best_alpha, dev_test_split
 from quantdiag.analysis.forward import score_prompts
 from quantdiag.analysis.repairs import REPAIRS, RepairOptions, excess_kurtosis, kurtosis_plan, protected_blocks, repair_arrays, repair_summary
-from quantdiag.analysis.sensitivity import correct_under
 from quantdiag.data.facts import load_pararel, tokenize
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
@@ -30,19 +28,6 @@ def setup(llama):
     prompts = [tokenize(llama.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19", "P36"], 6, 0))]
     answers = score_prompts(llama, prompts, 4).predicted  # the reference's own answers: it scores 100%
     return bank, [dataclasses.replace(p, target=int(a)) for p, a in zip(prompts, answers)]
-
-
-def test_amplification_with_alpha_zero_is_the_model_itself(llama, setup):
-    bank, prompts = setup
-    bank.apply(PrecisionPlan.uniform(FOUR.key))
-    amplified = amplified_correct(llama, prompts, [0.0, 5.0], 4)
-    np.testing.assert_array_equal(amplified[0], correct_under(llama, bank, PrecisionPlan.uniform(FOUR.key), prompts, 4))
-
-
-def test_dev_and_test_splits_are_disjoint_halves():
-    dev, test = dev_test_split(11, seed=3)
-    assert not set(dev) & set(test) and sorted([*dev, *test]) == list(range(11)) and abs(len(dev) - len(test)) <= 1
-    assert best_alpha(np.array([[1, 0], [1, 1], [1, 1]], dtype=bool)) == 1  # the smallest of the best
 
 
 def test_kurtosis_protection_respects_its_budget_and_takes_the_heaviest_tails(llama, setup):
