@@ -24,6 +24,7 @@ from quantdiag.model.load import LoadedModel, weights_fingerprint
 from quantdiag.model.probes import eager_attention
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+
 #: Factor on the query and key weights of the tiny models: attention logits grow by its square.
 SHARPEN = 6.0
 
@@ -176,7 +177,8 @@ def test_component_pass_equals_a_hand_computation(family):
     hand = {setting: _by_hand(loaded, bank, setting, prompts) for setting in (REFERENCE, three.key)}
     for setting, metrics in hand.items():
         for metric, expected in metrics.items():
-            np.testing.assert_allclose(arrays[f"{setting}/{metric}"], expected, atol=1e-6, err_msg=f"{setting}/{metric}")
+            key = f"{setting}/{metric}"
+            np.testing.assert_allclose(arrays[key], expected, atol=1e-6, err_msg=key)
     quantized = hand[three.key]  # interior values, so that a wrong reading shows
     assert quantized["focus_divergence"].min() > 1e-3 and 0 < quantized["sign_flip"].mean() < 0.5
     assert 0 < quantized["jaccard"].mean() < 1 and quantized["value_cosine"].max() < 0.99
