@@ -22,6 +22,14 @@ ALPHAS = (0.0, 0.5, 2.0, 9.0)
 UNEMBED_SCALE = 60.0
 
 
+def confident(loaded: LoadedModel) -> LoadedModel:
+    """The model with its unembedding scaled by ``UNEMBED_SCALE`` (a copy: Gemma2's tied input
+    embeddings stay as they are)."""
+    head = loaded.model.lm_head
+    head.weight = torch.nn.Parameter(head.weight * UNEMBED_SCALE, requires_grad=False)
+    return loaded
+
+
 @torch.inference_mode()
 def lens_logits(model: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
     """Logit lens at the last token by hand (layers x vocab, float64): each block's output, caught
@@ -41,7 +49,9 @@ def lens_logits(model: torch.nn.Module, ids: Sequence[int]) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
-def hand_amplified(loaded: LoadedModel, prompts: Sequence[Prompt], alphas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def hand_amplified(
+    loaded: LoadedModel, prompts: Sequence[Prompt], alphas: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt l* = the lens layer of lowest entropy (the first among ties) and the predictions
     argmax(z_{L-1} + alpha z_{l*}) per alpha: (alphas x prompts predictions, peak per prompt)."""
     predicted = np.zeros((len(alphas), len(prompts)), dtype=np.int64)
@@ -60,9 +70,7 @@ def hand_amplified(loaded: LoadedModel, prompts: Sequence[Prompt], alphas: Seque
 def test_amplified_predictions_equal_a_hand_computation(family):
     """With the targets set to the hand prediction at the largest alpha, each alpha's correctness
     is whether its hand prediction agrees with that one (batched by length, batch 4 of 12)."""
-    loaded = tiny_model(family)
-    head = loaded.model.lm_head  # a scaled copy: Gemma2's input embeddings (tied) stay as they are
-    head.weight = torch.nn.Parameter(head.weight * UNEMBED_SCALE, requires_grad=False)
+    loaded = confident(tiny_model(family))
     prompts = [tokenize(loaded.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19", "P36", "P37"], 4, 0))]
     predicted, peaks = hand_amplified(loaded, prompts, ALPHAS)
     assert len(set(peaks)) > 1 and (peaks != loaded.adapter.n_layers - 1).any()  # the peak is not always the output
