@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from quantdiag.errors import QuantdiagError
@@ -34,11 +35,35 @@ def test_resid_post_matches_hidden_states(family_model):
         torch.testing.assert_close(acts[site], out.hidden_states[layer + 1])
 
 
-def test_mlp_sites_have_gate_and_intermediate_shapes(family_model):
-    with capture(family_model.adapter, ["blocks.0.mlp.gate_pre", "blocks.0.mlp.act"]) as acts:
-        family_model.model(torch.tensor([[1, 2, 3]]))
-    assert acts["blocks.0.mlp.gate_pre"].shape == (1, 3, 128)
-    assert acts["blocks.0.mlp.act"].shape == (1, 3, 128)
+def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gemma2's RMSNorm by hand: ``x / rms(x) * (1 + w)``."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps) * (1 + module.weight)
+
+
+#: Each family's MLP activation (Gemma2: GeGLU with tanh GELU; the others: SwiGLU).
+_ACT = {"gemma2": lambda g: F.gelu(g, approximate="tanh")}
+
+
+def test_mlp_sites_hold_the_gate_the_intermediate_and_the_output(family_model):
+    """gate_pre == W_gate x, act == act(gate_pre) * W_up x and mlp_out == W_down act (Gemma2: after
+    its post-feedforward norm), from the HF modules' weights and the MLP's input captured by a hook."""
+    adapter, family = family_model.adapter, family_model.model.config.model_type
+    layer = adapter.n_layers - 1
+    block = adapter.blocks[layer]
+    inputs = {}
+    handle = block.mlp.register_forward_pre_hook(lambda _module, args: inputs.update(x=args[0]))
+    sites = [f"blocks.{layer}.{s}" for s in ("mlp.gate_pre", "mlp.act", "mlp_out")]
+    try:
+        with capture(adapter, sites) as acts:
+            family_model.model(torch.tensor([[1, 2, 3, 4]]))
+    finally:
+        handle.remove()
+    gate, act, out = (acts[site] for site in sites)
+    torch.testing.assert_close(gate, F.linear(inputs["x"], block.mlp.gate_proj.weight))
+    expected = _ACT.get(family, F.silu)(gate) * F.linear(inputs["x"], block.mlp.up_proj.weight)
+    torch.testing.assert_close(act, expected)
+    down = F.linear(act, block.mlp.down_proj.weight)
+    torch.testing.assert_close(out, _rms_norm(block.post_feedforward_layernorm, down) if family == "gemma2" else down)
 
 
 def test_attention_probabilities_under_eager_attention(family_model):
