@@ -55,7 +55,8 @@ def smollm2(cache: str) -> None:
     cached = seconds(lambda: weights_fingerprint(adapter, folder))
     memory = seconds(lambda: weights_fingerprint(adapter))
     print(f"SmolLM2 converted folder ({size:.0f} MB float32): load {load:.2f} s")
-    print(f"  fingerprint, files hashed: {uncached:.2f} s; file hashes cached: {cached * 1000:.0f} ms; in memory: {memory:.2f} s")
+    print(f"  fingerprint, files hashed: {uncached:.2f} s; file hashes cached: {cached * 1000:.0f} ms", end="")
+    print(f"; in memory: {memory:.2f} s")
 
 
 def random_set(gigabytes: float) -> None:

@@ -30,14 +30,20 @@ from quantdiag.model.load import builtin_gguf, converted_gguf
 from quantdiag.quant.calib import load_calibration
 from quantdiag.storage import file_digest
 
-QUICK = ["--methods", "rtn", "--bits", "4,2", "--analyses", "none", "--preset", "quick", "--relations", "P103,P37,P19", "--facts", "4", "--device", "cpu"]
+QUICK = "--methods rtn --bits 4,2 --analyses none --preset quick".split()
+QUICK += "--relations P103,P37,P19 --facts 4 --device cpu".split()
 RTN = "quantdiag.quant.bank:rtn_dequantized"
 #: Each fault of the resumed run: (function, call at which the process kills itself). The tiny
 #: model has 28 linears: call 31 of RTN is inside the 2-bit setting (the 4-bit one is saved); the
 #: next run is killed as it writes the 2-bit file; the next when the 4-bit evaluation is half done
 #: (reference saved; primary prompts scored, robustness ones not); the next while the report's
 #: second figure is being saved (results.json written); the last run finishes.
-KILLS = [(RTN, 31), ("quantdiag.quant.bank:save_file", 1), ("quantdiag.pipeline:score_prompts", 4), ("matplotlib.figure:Figure.savefig", 4)]
+KILLS = [
+    (RTN, 31),
+    ("quantdiag.quant.bank:save_file", 1),
+    ("quantdiag.pipeline:score_prompts", 4),
+    ("matplotlib.figure:Figure.savefig", 4),
+]
 UNREADABLE = "is unreadable"
 
 
@@ -187,7 +193,7 @@ def test_a_killed_run_resumes_to_the_same_results(resumed, concurrent):
     assert codes == [-signal.SIGKILL] * len(KILLS) + [0]
     # Each kill left the temporary file it was writing (weights and stages are written as they
     # are computed); the next run swept it away before writing its own.
-    expected = [".rtn-w2-g128-sym.safetensors.", ".rtn-w2-g128-sym.safetensors.", ".eval-rtn-w4-g128-sym-", ".ranks.svg."]
+    expected = [".rtn-w2-g128-sym.safetensors."] * 2 + [".eval-rtn-w4-g128-sym-", ".ranks.svg."]
     assert [len(found) for found in leftovers] == [1, 1, 1, 1, 0]
     assert all(found[0].name.startswith(prefix) for found, prefix in zip(leftovers, expected)), leftovers
     assert _results(out) == _results(concurrent[2][0])

@@ -107,7 +107,12 @@ def test_leftovers_of_dead_processes_only_are_swept(tmp_path):
 def test_a_file_is_flushed_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(storage.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
     monkeypatch.setattr(storage.os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
     target = tmp_path / "results.json"
     with atomic_file(target) as tmp:
@@ -150,7 +155,11 @@ def _changed(model, path: str, index: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize(
     ("path", "index"),
-    [("model.layers.1.post_attention_layernorm.weight", (5,)), ("lm_head.weight", (7, 3)), ("model.embed_tokens.weight", (11, 2))],
+    [
+        ("model.layers.1.post_attention_layernorm.weight", (5,)),
+        ("lm_head.weight", (7, 3)),
+        ("model.embed_tokens.weight", (11, 2)),
+    ],
 )
 def test_models_differing_in_one_weight_have_different_fingerprints(tmp_path, path, index):
     original, edited = tiny_model("llama"), tiny_model("llama")
@@ -198,7 +207,8 @@ def test_the_repairs_of_an_rtn_setting_depend_on_the_calibration(llama):
     """EoRA, one of the repairs, is calibrated even when the repaired setting is not."""
     spec, rank = QuantSpec("rtn", 2, 32), 4
     keys = set()
-    for calibration in (Calibration(torch.zeros(2, 8, dtype=torch.long), "zeros"), Calibration(torch.ones(2, 8, dtype=torch.long), "ones")):
+    for fill in (0, 1):
+        calibration = Calibration(torch.full((2, 8), fill, dtype=torch.long), f"{fill}s")
         context = RunContext(None, llama, WeightBank(llama, calibration), PromptSet([], []), None)
         keys.add(context.stage_key(_repair_reads(spec.key, replace(spec, bits=8).key, rank)))
     assert len(keys) == 2
@@ -206,10 +216,12 @@ def test_the_repairs_of_an_rtn_setting_depend_on_the_calibration(llama):
 
 def test_config_paths_are_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "facts.jsonl").write_text(json.dumps({"subject": "Paris", "object": "France", "template": "[X] is in [Y]"}) + "\n")
+    fact = {"subject": "Paris", "object": "France", "template": "[X] is in [Y]"}
+    (tmp_path / "facts.jsonl").write_text(json.dumps(fact) + "\n")
     (tmp_path / "calib.txt").write_text("text")
     (tmp_path / "model").mkdir()
-    config = RunConfig(out="runs/x", model="model", facts_file="facts.jsonl", calib="calib.txt", methods=("rtn",)).resolved()
+    given = RunConfig(out="runs/x", model="model", facts_file="facts.jsonl", calib="calib.txt", methods=("rtn",))
+    config = given.resolved()
     assert (config.out, config.model, config.facts_file, config.calib) == tuple(
         os.path.join(str(tmp_path), name) for name in ("runs/x", "model", "facts.jsonl", "calib.txt")
     )

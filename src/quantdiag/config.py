@@ -101,7 +101,8 @@ class RunConfig:
     def absolute(self) -> RunConfig:
         """The same run with every path absolute (the model when it is a file or folder), so that
         ``config.json`` means the same files from any working folder."""
-        model = self.model if self.model == DEFAULT_MODEL or not Path(self.model).expanduser().exists() else _absolute(self.model)
+        is_path = self.model != DEFAULT_MODEL and Path(self.model).expanduser().exists()
+        model = _absolute(self.model) if is_path else self.model
         return replace(
             self,
             out=_absolute(self.out),

@@ -223,7 +223,8 @@ def representation_effects(context: RunContext, groups: dict[str, dict[str, np.n
 
     def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
         with context.run_dir.scratch() as folder:
-            return representation_arrays(context.loaded, context.bank, setting, subset_prompts, context.config.batch_size, folder)
+            batch_size = context.config.batch_size
+            return representation_arrays(context.loaded, context.bank, setting, subset_prompts, batch_size, folder)
 
     return _subset_stages(context, chosen, context.config.specs(), "representations", analysis)
 

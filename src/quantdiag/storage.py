@@ -34,7 +34,8 @@ CACHE_SCHEMA = 1
 #: Libraries whose version can change cached numbers (conversion, quantization, forwards).
 NUMERIC_LIBRARIES = ("quantdiag", "torch", "transformers", "gptqmodel", "gguf", "numpy")
 #: What reading a truncated or garbled cache file raises (zip-based .npz / .pt, safetensors, JSON).
-UNREADABLE = (OSError, EOFError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, SafetensorError)
+UNREADABLE = (OSError, EOFError, ValueError, RuntimeError, KeyError)
+UNREADABLE += (zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, SafetensorError)
 _HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
 #: Temporary names carry their process: ``.{name}.{pid}@{host}.{token}.tmp``.
 _TEMPORARY = re.compile(r"^\..*\.(?P<pid>\d+)@(?P<host>[\w-]+)\.[0-9a-f]+\.tmp$")
@@ -183,7 +184,8 @@ def check_manifest(folder: Path) -> Path:
 
 
 def _sizes(folder: Path) -> dict[str, int]:
-    return {str(file.relative_to(folder)): file.stat().st_size for file in folder.rglob("*") if file.is_file() and file.name != _MANIFEST}
+    files = [file for file in folder.rglob("*") if file.is_file() and file.name != _MANIFEST]
+    return {str(file.relative_to(folder)): file.stat().st_size for file in files}
 
 
 @contextmanager

@@ -90,11 +90,11 @@ class WeightBank:
             with ExitStack() as locks:
                 for path in sorted(self.path(eora_key(setting, rank)) for setting in chunk):
                     locks.enter_context(entry_lock(path))
-                chunk = [setting for setting in chunk if read_entry(self.path(eora_key(setting, rank)), self._check) is None]
+                chunk = [s for s in chunk if read_entry(self.path(eora_key(s, rank)), self._check) is None]
                 if not chunk:
                     continue
                 self.apply(PrecisionPlan.uniform(REFERENCE))
-                compensated = eora_weights(self.adapter, self.calibration.ids, chunk, rank, lambda setting, name: self._handle(setting).get_tensor(name))
+                compensated = eora_weights(self.adapter, self.calibration.ids, chunk, rank, self._tensor)
                 for setting, weights in compensated.items():
                     with atomic_file(self.path(eora_key(setting, rank))) as tmp:
                         self._write(eora_key(setting, rank), weights, tmp)
@@ -142,6 +142,9 @@ class WeightBank:
         if shapes != self.shapes:
             raise ValueError("its tensors are not this model's linears")
         return path
+
+    def _tensor(self, setting: str, name: str) -> torch.Tensor:
+        return self._handle(setting).get_tensor(name)
 
     def _handle(self, setting: str):
         """An open, memory-mapped reader per setting file."""
