@@ -104,7 +104,21 @@ class RunConfig:
             raise QuantdiagError("--alphas must be non-negative numbers")
         config.facts()
         check_writable(Path(config.out), config.force)
-        return config
+        return config.absolute()
+
+    def absolute(self) -> RunConfig:
+        """The same run with every path absolute (the model when it is a file or folder), so that
+        ``config.json`` means the same files from any working folder."""
+        is_path = self.model != DEFAULT_MODEL and Path(self.model).expanduser().exists()
+        model = _absolute(self.model) if is_path else self.model
+        return replace(
+            self,
+            out=_absolute(self.out),
+            model=model,
+            facts_file=self.facts_file and _absolute(self.facts_file),
+            calib=self.calib and _absolute(self.calib),
+            compare=tuple(_absolute(path) for path in self.compare),
+        )
 
     def specs(self) -> list[ComparedSpec]:
         """Every compared setting: each (method, bits), methods first, then the checkpoints."""
@@ -158,6 +172,11 @@ class RunConfig:
         if unknown:
             raise QuantdiagError(f"config.json has unknown options: {', '.join(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _absolute(path: str) -> str:
+    """``path`` with ``~`` expanded, made absolute and normalised (symbolic links kept)."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def check_writable(out: Path, force: bool = False) -> None:

@@ -28,11 +28,11 @@ from quantdiag.model.load import LoadedModel, load_reference
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.checkpoint import ComparedSpec
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, eora_key
 from quantdiag.report.html import write_report
 from quantdiag.results import build_results
 from quantdiag.runs import RunDir, save_arrays
-from quantdiag.storage import content_hash
+from quantdiag.storage import cache_key, cache_root, sweep_leftovers
 
 
 @dataclass
@@ -51,8 +51,9 @@ class PromptSet:
 
     @cached_property
     def digest(self) -> str:
-        """Hash of every prompt's ids and target: part of each evaluation stage's cache key."""
-        blob = repr([(p.ids, p.target) for p in self.primary + self.robustness]).encode()
+        """Hash of every prompt's fact, ids, target and subject span (causal tracing, components
+        and representations read it): part of every stage's cache key."""
+        blob = repr([(p.fact, p.ids, p.target, p.subject) for p in self.primary + self.robustness]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -90,14 +91,16 @@ class RunContext:
     config: RunConfig
 
     def stage_key(self, settings: str | list[str], *parts) -> str:
-        """A stage's cache key: the model, the weight files of ``settings``, the prompts, ``parts``."""
+        """A stage's cache key: the code versions, the model, the weight files of ``settings``
+        (with the calibration they depend on), the prompts and ``parts``."""
         names = self.bank.path(settings).name if isinstance(settings, str) else [self.bank.path(s).name for s in settings]
-        return content_hash(self.loaded.fingerprint, names, self.prompts.digest, *parts)
+        return cache_key(self.loaded.fingerprint, names, self.prompts.digest, *parts)
 
 
 def run(config: RunConfig) -> Path:
     """Run the diagnosis described by ``config``; returns the report's path."""
     config = config.resolved()
+    sweep_leftovers(cache_root())
     loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
     prompts = build_prompts(loaded, config.facts(), config)
     facts = prompts.facts
@@ -229,7 +232,9 @@ def representation_effects(context: RunContext, groups: dict[str, dict[str, np.n
     chosen = {f"{method}:{name}": rows for method, named in groups.items() for name, rows in named.items() if len(rows)}
 
     def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
-        return representation_arrays(context.loaded, context.bank, setting, subset_prompts, context.config.batch_size, context.run_dir.stages)
+        with context.run_dir.scratch() as folder:
+            batch_size = context.config.batch_size
+            return representation_arrays(context.loaded, context.bank, setting, subset_prompts, batch_size, folder)
 
     return _subset_stages(context, chosen, context.config.specs(), "representations", analysis)
 
@@ -312,11 +317,17 @@ def repair_effects(
         domino = sensitivity.get(spec.key, {}).get("domino")
         blocks = protected_blocks(loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks)
         rows = {name: named[name].tolist() for name in ("failure", "robust")}
-        key = context.stage_key([spec.key, protect], rows, asdict(options), blocks)
+        key = context.stage_key(_repair_reads(spec.key, protect, options.rank), rows, asdict(options), blocks)
         failure, robust = ([context.prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
         compute = partial(repair_arrays, loaded, bank, spec.key, protect, failure, robust, blocks, options, config.batch_size)
         tables[spec.key] = context.run_dir.cached(f"repairs-{spec.key}", key, compute)
     return tables
+
+
+def _repair_reads(setting: str, protect: str, rank: int) -> list[str]:
+    """The weight settings a repair table reads: the setting, the protecting one and their EoRA
+    compensations (which depend on the calibration even when the setting does not)."""
+    return [setting, protect] + [eora_key(s, rank) for s in (setting, protect) if s != REFERENCE]
 
 
 def _protect(spec: ComparedSpec) -> str:

@@ -3,19 +3,21 @@ interrupted run resumes from what it finished. Every file is written atomically.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from quantdiag.storage import atomic_file, write_json
+from quantdiag.storage import atomic_file, load_or_build, scratch_dir, sweep_leftovers, write_json
 
 Arrays = dict[str, np.ndarray]
 
 
 class RunDir:
     """``config.json``, ``results.json``, ``arrays.npz``, ``figures/``, ``report.html`` and
-    ``stages/`` (finished pieces of work, named by a hash of their inputs)."""
+    ``stages/`` (finished pieces of work, named by a hash of their inputs). Opening it sweeps
+    away what killed runs left in it."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -23,21 +25,28 @@ class RunDir:
         self.stages = path / "stages"
         self.figures.mkdir(parents=True, exist_ok=True)
         self.stages.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(path)
 
     @property
     def report(self) -> Path:
         return self.path / "report.html"
 
     def cached(self, name: str, key: str, compute: Callable[[], Arrays]) -> Arrays:
-        """The arrays of stage ``name`` with inputs ``key``: loaded if finished, else computed and
-        saved before they are returned."""
-        target = self.stages / f"{name}-{key}.npz"
-        if target.is_file():
-            with np.load(target) as stored:
-                return dict(stored)
-        arrays = compute()
-        save_arrays(target, arrays)
-        return arrays
+        """The arrays of stage ``name`` with inputs ``key``: loaded if finished (and readable),
+        else computed and saved before they are returned."""
+
+        def build(tmp: Path) -> Arrays:
+            arrays = compute()
+            _save(tmp, arrays)
+            return arrays
+
+        return load_or_build(self.stages / f"{name}-{key}.npz", _load, build)
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A temporary folder for one stage's spills, removed afterwards (or swept if killed)."""
+        with scratch_dir(self.stages) as folder:
+            yield folder
 
     def write_json(self, name: str, data: dict) -> None:
         write_json(self.path / name, data)
@@ -45,5 +54,16 @@ class RunDir:
 
 def save_arrays(path: Path, arrays: Arrays) -> None:
     """``np.savez_compressed``, atomically."""
-    with atomic_file(path) as tmp, tmp.open("wb") as handle:
+    with atomic_file(path) as tmp:
+        _save(tmp, arrays)
+
+
+def _save(path: Path, arrays: Arrays) -> None:
+    with path.open("wb") as handle:
         np.savez_compressed(handle, **arrays)
+
+
+def _load(path: Path) -> Arrays:
+    """Every array of an ``.npz`` (each member's CRC is checked as it is read)."""
+    with np.load(path) as stored:
+        return dict(stored)

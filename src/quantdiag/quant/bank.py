@@ -6,6 +6,8 @@ and checkpoint comparisons are all plans."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from quantdiag.quant.gptq import gptq_dequantized
 from quantdiag.quant.rtn import rtn_dequantized
 from quantdiag.quant.eora import eora_weights
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bits, effective_group_size, eora_key, is_checkpoint, split_eora
-from quantdiag.storage import atomic_file, cache_root
+from quantdiag.storage import UNREADABLE, atomic_file, cache_key, cache_root, entry_lock, load_or_build, read_entry
 
 log = logging.getLogger(__name__)
 #: Settings compensated in one EoRA pass: the covariances are shared, the weights are held.
@@ -34,18 +36,19 @@ class WeightBank:
         self.adapter = loaded.adapter
         self.tokenizer = loaded.tokenizer
         self.calibration = calibration
-        self.root = (cache_dir or cache_root()) / "weights" / loaded.fingerprint
+        self.root = (cache_dir or cache_root()) / "weights" / f"{loaded.fingerprint}-v{cache_key(length=8)}"
         named = dict(loaded.model.named_modules())
         self.modules: dict[str, nn.Linear] = {name: named[name] for name in self.adapter.linear_names()}
         self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
         self.layers = {name: self.adapter.linear_kind(name)[0] for name in self.modules}
         self.current = dict.fromkeys(self.modules, REFERENCE)
         self._handles: dict[str, object] = {}
-        self._save(REFERENCE, {name: module.weight for name, module in self.modules.items()})
+        self._cache(REFERENCE, lambda: {name: module.weight for name, module in self.modules.items()})
 
     def path(self, setting: str) -> Path:
-        """Cache file of a setting; GPTQ's and EoRA's depend on the calibration tokens too (a
-        checkpoint's key has its files' version in it)."""
+        """Cache file of a setting, in a folder of the model's fingerprint and the code versions;
+        GPTQ's and EoRA's depend on the calibration tokens too (a checkpoint's key has its files'
+        version in it)."""
         base, rank = split_eora(setting)
         if not rank and (base == REFERENCE or is_checkpoint(base) or QuantSpec.from_key(base).method == "rtn"):
             return self.root / f"{setting}.safetensors"
@@ -54,34 +57,47 @@ class WeightBank:
         return self.root / f"{setting}-calib{self.calibration.digest}.safetensors"
 
     def has(self, setting: str) -> bool:
-        return self.path(setting).is_file()
+        """Whether the setting's file is cached and readable."""
+        try:
+            self._check(self.path(setting))
+        except UNREADABLE:
+            return False
+        return True
 
     def ensure(self, spec: ComparedSpec) -> None:
         """Quantize ``spec`` (or read the checkpoint) unless it is cached; the model is left at
         the reference."""
-        if self.has(spec.key):
-            return
-        self.apply(PrecisionPlan.uniform(REFERENCE))
-        if isinstance(spec, CheckpointSpec):
-            weights = checkpoint_weights(spec, self.adapter.model.config, self.tokenizer, self.shapes)
-            weights = {name: weight.to(self.modules[name].weight.dtype) for name, weight in weights.items()}
-        elif spec.method == "rtn":
-            weights = {name: self._rtn(module, spec) for name, module in self.modules.items()}
-        else:
-            weights = gptq_dequantized(self.adapter, self.calibration.ids, spec)
-        self._save(spec.key, weights)
+
+        def compute() -> dict[str, torch.Tensor]:
+            self.apply(PrecisionPlan.uniform(REFERENCE))
+            if isinstance(spec, CheckpointSpec):
+                weights = checkpoint_weights(spec, self.adapter.model.config, self.tokenizer, self.shapes)
+                return {name: weight.to(self.modules[name].weight.dtype) for name, weight in weights.items()}
+            if spec.method == "rtn":
+                return {name: self._rtn(module, spec) for name, module in self.modules.items()}
+            return gptq_dequantized(self.adapter, self.calibration.ids, spec)
+
+        self._cache(spec.key, compute)
 
     def ensure_eora(self, settings: list[str], rank: int) -> None:
         """Compute the rank-``rank`` EoRA compensation of each setting not cached yet, a pass over
         the calibration set for every ``EORA_SETTINGS_PER_PASS`` of them (a pass holds their
-        compensated weights in memory); the model is left at the reference."""
+        compensated weights in memory), holding their files' locks; the model is left at the
+        reference."""
         missing = [setting for setting in dict.fromkeys(settings) if not self.has(eora_key(setting, rank))]
         for start in range(0, len(missing), EORA_SETTINGS_PER_PASS):
-            self.apply(PrecisionPlan.uniform(REFERENCE))
             chunk = missing[start : start + EORA_SETTINGS_PER_PASS]
-            compensated = eora_weights(self.adapter, self.calibration.ids, chunk, rank, lambda setting, name: self._handle(setting).get_tensor(name))
-            for setting, weights in compensated.items():
-                self._save(eora_key(setting, rank), weights)
+            with ExitStack() as locks:
+                for path in sorted(self.path(eora_key(setting, rank)) for setting in chunk):
+                    locks.enter_context(entry_lock(path))
+                chunk = [s for s in chunk if read_entry(self.path(eora_key(s, rank)), self._check) is None]
+                if not chunk:
+                    continue
+                self.apply(PrecisionPlan.uniform(REFERENCE))
+                compensated = eora_weights(self.adapter, self.calibration.ids, chunk, rank, self._tensor)
+                for setting, weights in compensated.items():
+                    with atomic_file(self.path(eora_key(setting, rank))) as tmp:
+                        self._write(eora_key(setting, rank), weights, tmp)
 
     def assignment(self, plan: PrecisionPlan) -> dict[str, str]:
         """Module name -> setting under ``plan``."""
@@ -110,13 +126,25 @@ class WeightBank:
         group = effective_group_size(module.in_features, spec.group_size)
         return rtn_dequantized(module.weight, spec.bits, group, spec.sym)
 
-    def _save(self, setting: str, weights: dict[str, torch.Tensor]) -> None:
-        target = self.path(setting)
-        if target.is_file():
-            return
-        log.info("caching %s weights in %s", setting, target)
-        with atomic_file(target) as tmp:
-            save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(tmp))
+    def _cache(self, setting: str, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """The setting's file: read if cached and readable, else ``compute()`` and saved, under its lock."""
+        load_or_build(self.path(setting), self._check, lambda tmp: self._write(setting, compute(), tmp))
+
+    def _write(self, setting: str, weights: dict[str, torch.Tensor], tmp: Path) -> Path:
+        log.info("caching %s weights in %s", setting, self.path(setting))
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(tmp))
+        return tmp
+
+    def _check(self, path: Path) -> Path:
+        """``path`` if it is a whole safetensors file of this model's linears; raises otherwise."""
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        if shapes != self.shapes:
+            raise ValueError("its tensors are not this model's linears")
+        return path
+
+    def _tensor(self, setting: str, name: str) -> torch.Tensor:
+        return self._handle(setting).get_tensor(name)
 
     def _handle(self, setting: str):
         """An open, memory-mapped reader per setting file."""
