@@ -68,7 +68,7 @@ CASES = [
     ),
     Case("unknown-dtype", f"run --model {{ref}} --methods rtn --bits 4 {FEW} --dtype float8", "dtype must be auto"),
     # facts files
-    Case("facts-file-malformed", "run --facts-file {broken_facts}", "need JSON with subject, object and template"),
+    Case("facts-file-malformed", "run --facts-file {broken_facts}", "need JSON: an object with subject, object and template"),
     Case("facts-file-empty", "run --facts-file {empty_facts}", "is empty"),
     Case("facts-file-missing", "run --facts-file {missing}", "facts file not found"),
     # the output folder

@@ -198,8 +198,8 @@ def test_a_library_version_is_part_of_every_key(llama, monkeypatch):
 
 
 def test_the_prompt_digest_covers_the_subject_span():
-    first = PromptSet([Prompt(0, (1, 2, 3, 4), 5, (0, 2))], [])
-    other = PromptSet([Prompt(0, (1, 2, 3, 4), 5, (1, 3))], [])
+    first = PromptSet([Prompt(0, (1, 2, 3, 4), 5, (0, 2))], [], [], 0)
+    other = PromptSet([Prompt(0, (1, 2, 3, 4), 5, (1, 3))], [], [], 0)
     assert first.digest != other.digest
 
 
@@ -209,7 +209,7 @@ def test_the_repairs_of_an_rtn_setting_depend_on_the_calibration(llama):
     keys = set()
     for fill in (0, 1):
         calibration = Calibration(torch.full((2, 8), fill, dtype=torch.long), f"{fill}s")
-        context = RunContext(None, llama, WeightBank(llama, calibration), PromptSet([], []), None)
+        context = RunContext(None, llama, WeightBank(llama, calibration), PromptSet([], [], [], 0), None)
         keys.add(context.stage_key(_repair_reads(spec.key, replace(spec, bits=8).key, rank)))
     assert len(keys) == 2
 
