@@ -3,6 +3,7 @@ text: unit tests run in seconds and download nothing."""
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 from importlib.resources import files
@@ -26,8 +27,13 @@ FAMILIES = {
 VOCAB = 512
 
 
-@cache
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh copy of the trained tiny tokenizer: a test that adds tokens changes only its own."""
+    return copy.deepcopy(_trained_tokenizer())
+
+
+@cache
+def _trained_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on a slice of the packaged ParaRel facts (offsets work like GPT-2's)."""
     root = files("quantdiag") / "data" / "pararel" / "facts"
     text = []
@@ -77,10 +83,13 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTDIAG_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for tests running many tiny forwards: several times faster than two
-    threads on cores shared with other processes."""
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Unit tests run many tiny forwards on one torch thread: several times faster than two
+    threads, most of all on cores shared with other processes. End-to-end tests keep all threads."""
+    if request.node.get_closest_marker("e2e"):
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

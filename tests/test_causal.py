@@ -28,7 +28,6 @@ SHAPES = {"robust": [(5, (1, 3)), (3, (0, 1)), (5, (2, 4))], "failure": [(4, (1,
 #: ROME's window of w layers around l, as (first, last) offsets from l.
 KINDS = ("resid", "mlp", "attn")
 WINDOWS = {1: (0, 0), 2: (-1, 0), 3: (-1, 1)}
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(model: torch.nn.Module, kind: str, layer: int) -> torch.nn.Module:

@@ -11,7 +11,6 @@ from quantdiag.model.probes import replace
 from quantdiag.model.stack import run_block, trace_stack
 
 LENGTH = 6
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(loaded):

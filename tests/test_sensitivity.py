@@ -26,7 +26,6 @@ from quantdiag.quant.plans import COMPONENT_GROUPS, blocks_plan, component_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 
 LOW, HIGH = QuantSpec("rtn", 2, 32, True), QuantSpec("rtn", 8, 32, True)
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(loaded, count: int = 10):
