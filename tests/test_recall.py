@@ -38,7 +38,8 @@ def test_rank_histogram_buckets_include_both_bounds():
 
 
 def _facts() -> list[Fact]:
-    return [Fact("P37", f"s{i}", "o", "[X] speaks [Y]") for i in range(3)] + [Fact("P103", f"t{i}", "o", "[X] is [Y]") for i in range(3)]
+    speaks = [Fact("P37", f"s{i}", "o", "[X] speaks [Y]") for i in range(3)]
+    return speaks + [Fact("P103", f"t{i}", "o", "[X] is [Y]") for i in range(3)]
 
 
 def test_recall_summary_by_hand():
@@ -50,7 +51,7 @@ def test_recall_summary_by_hand():
         target_rank=np.array([1, 4, 1, 30, 1, 2000]),
     )
     # Paraphrases: fact 0 three times (2 right), fact 1 once (right), fact 2 twice (none right).
-    robust = Scores(targets=np.zeros(6), predicted=np.array([0, 0, 1, 0, 1, 1]), target_prob=np.zeros(6), target_rank=np.ones(6))
+    robust = Scores(np.zeros(6), np.array([0, 0, 1, 0, 1, 1]), np.zeros(6), np.ones(6))
     summary = recall_summary(_facts(), scores, _Words(), robust, np.array([0, 0, 0, 1, 2, 2]))
     assert summary["accuracy"] == pytest.approx(3 / 6)
     # Mean over facts of each fact's paraphrase accuracy: (2/3 + 1 + 0) / 3, not 3 of 6 prompts.

@@ -155,16 +155,28 @@ def _deep_results(failures: int = 10) -> tuple[dict, dict]:
         "bits": 3,
         "average_bits": 3.0,
         "recall": {"accuracy": 0.2},
-        "lens": {"rtn:failure": {"median_rank": [900.0] * 10 + [400.0, 120.0, 60.0, 30.0, 45.0, 80.0]}, "rtn:robust": {"median_rank": [5.0] * DEEP}},
+        "lens": {
+            "rtn:failure": {"median_rank": [900.0] * 10 + [400.0, 120.0, 60.0, 30.0, 45.0, 80.0]},
+            "rtn:robust": {"median_rank": [5.0] * DEEP},
+        },
         "causal": {
             "rtn:failure": {"patching": patching, "ablation": {"resid": {"drop": _grid({}, base=0.8)}}},
             "rtn:robust": {"patching": robust_patching},
         },
         "representations": {
             "rtn:failure": {
-                "cka": {"resid": {"subject": _matrix([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4] + [0.3] * 9, off=0.9), "last": _matrix([0.1] * DEEP, off=0.1)}},
+                "cka": {
+                    "resid": {
+                        "subject": _matrix([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4] + [0.3] * 9, off=0.9),
+                        "last": _matrix([0.1] * DEEP, off=0.1),
+                    }
+                },
                 "subspaces": {
-                    "subject": {"activation": [0.91] * 8 + [0.6] * 8, "error": [0.55] * 8 + [0.2] * 8, "k": [10] * 8 + [20] * 8},
+                    "subject": {
+                        "activation": [0.91] * 8 + [0.6] * 8,
+                        "error": [0.55] * 8 + [0.2] * 8,
+                        "k": [10] * 8 + [20] * 8,
+                    },
                     "last": {"activation": [0.0] * DEEP, "error": [1.0] * DEEP, "k": [10] * DEEP},
                 },
             }
@@ -177,7 +189,10 @@ def _deep_results(failures: int = 10) -> tuple[dict, dict]:
                 "entropy_subject": [0.0] * DEEP,
             }
         },
-        "sensitivity": {"domino": {"robust": [0.9, 0.8, 0.5] + [0.4] * 13, "failure": [0.5, 0.2, 0.1] + [0.0] * 13}, "half_damage_block": 2},
+        "sensitivity": {
+            "domino": {"robust": [0.9, 0.8, 0.5] + [0.4] * 13, "failure": [0.5, 0.2, 0.1] + [0.0] * 13},
+            "half_damage_block": 2,
+        },
         "repairs": {
             "rows": [
                 {"repair": "baseline", "average_bits": 3.0, "failure": 0.3, "robust": 0.4},  # no repair: not counted
@@ -193,8 +208,13 @@ def _deep_results(failures: int = 10) -> tuple[dict, dict]:
         "key": "reference",
         "method": None,
         "recall": {"accuracy": 0.5},
-        "lens": {"rtn:failure": {"median_rank": [800.0] * 12 + [50.0, 9.0, 2.0, 3.0]}, "rtn:robust": {"median_rank": [1.0] * DEEP}},
-        "representations": {"rtn:failure": {"cka": {"resid": {"subject": _matrix([1.0] * DEEP, off=0.5)}}, "subspaces": None}},
+        "lens": {
+            "rtn:failure": {"median_rank": [800.0] * 12 + [50.0, 9.0, 2.0, 3.0]},
+            "rtn:robust": {"median_rank": [1.0] * DEEP},
+        },
+        "representations": {
+            "rtn:failure": {"cka": {"resid": {"subject": _matrix([1.0] * DEEP, off=0.5)}}, "subspaces": None}
+        },
     }
     results = {
         "model": {"n_layers": DEEP, "hidden_size": 100, "vocab_size": 1000},
@@ -211,13 +231,15 @@ def test_every_evidence_value_by_hand():
     expected = {
         "lens_rank": (30 / 1000, 2 / 1000),  # best median rank over the layers, over the vocabulary
         "patching": (0.7, None),  # strongest residual cell; the last token's layers 12-15 left out
-        "cka_diagonal": ((1.0 + 0.9 + 0.8 + 0.7 + 0.6 + 0.5 + 0.4 + 9 * 0.3) / 16, 1.0),  # 0.475, off-diagonal 0.9 ignored
+        # 0.475: the diagonal only, not the off-diagonal 0.9
+        "cka_diagonal": ((1.0 + 0.9 + 0.8 + 0.7 + 0.6 + 0.5 + 0.4 + 9 * 0.3) / 16, 1.0),
         "activation_subspace": (((0.91 - 0.1) / 0.9 + (0.6 - 0.2) / 0.8) / 2, 1.0),  # chance k/d = 0.1, then 0.2: 0.7
         "error_alignment": (((0.55 - 0.1) / 0.9 + 0.0) / 2, None),  # 0.25
         "sign_flip": ((0.1 + 0.3 + 13 * 0.2) / 15, 0.0),  # 0.2: the undefined layer is left out
         "jaccard": (0.5, 1.0),
         "value_cosine": ((4 * 0.9 + 12 * 0.5) / 16, 1.0),  # 0.6
-        "early_damage": ((30 * 0.8 + 10 * 0.2) / 40, 1.0),  # blocks 0-1 (16 // 8 = 2) quantized, 30 Robust and 10 Failure: 0.65
+        # 0.65: blocks 0-1 (16 // 8 = 2) quantized, 30 Robust and 10 Failure prompts
+        "early_damage": ((30 * 0.8 + 10 * 0.2) / 40, 1.0),
         "repairs": (0.25, 1.0),  # EoRA's; the baseline's 0.3 is no repair
     }
     assert [m.name for m in measured] == list(expected)
