@@ -18,7 +18,7 @@ from quantdiag.analysis.forward import score_prompts
 from quantdiag.cli import app
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import load_pararel, target_token, tokenize
-from quantdiag.diagnose import EXIT_CODES, diagnose
+from quantdiag.diagnose import diagnose
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import load_reference
 from quantdiag.quant.bank import WeightBank
@@ -70,13 +70,17 @@ def _config(reference, tmp_path, *compare: str) -> RunConfig:
     return RunConfig(out=str(tmp_path / "run"), model=str(reference / "reference"), methods=(), bits=(), compare=compare, preset="quick", facts_file=str(reference / "facts.jsonl"), device="cpu")
 
 
-def test_small_noise_everywhere_is_not_collapse(reference, tmp_path):
+def test_small_noise_everywhere_is_healthy(reference, tmp_path):
+    """Noise of 2% of each block weight's spread keeps 97% of the answers (measured: 0.967, the
+    line is 0.9) and no signature near its line (CKA 0.9999, sign flips 1.3%, value cosine 0.999;
+    5 of 7 Collapse votes would be needed): Healthy, exit code 0."""
     checkpoint = _noisy(reference, "small", 0.02, lambda name: "layers" in name)
     diagnosis = diagnose(_config(reference, tmp_path, checkpoint))
     verdict = diagnosis.models[0]["verdict"]
-    assert verdict["verdict"] in ("healthy", "degradation"), verdict
-    assert diagnosis.exit_code == EXIT_CODES[verdict["verdict"]]
-    assert f'class="card {verdict["verdict"]}"' in diagnosis.report.read_text()
+    assert verdict["verdict"] == "healthy", verdict
+    assert [row["vote"] for row in verdict["signatures"]] == ["intact"] * 7
+    assert diagnosis.exit_code == 0
+    assert 'class="card healthy"' in diagnosis.report.read_text()
 
 
 def test_large_noise_in_the_first_mlps_is_collapse(reference, tmp_path):
@@ -91,18 +95,22 @@ def test_large_noise_in_the_first_mlps_is_collapse(reference, tmp_path):
     assert "Computation Collapse" in (tmp_path / "run" / "report.html").read_text()
 
 
-@pytest.fixture(scope="module")
-def gptq_checkpoint(reference):
-    """The reference quantized to 4 bits and saved by GPTQModel itself."""
+def _gptq(reference, bits: int):
+    """The reference quantized to ``bits`` and saved by GPTQModel itself."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    model = GPTQModel.load(str(reference / "reference"), QuantizeConfig(bits=4, group_size=GROUP, desc_act=False, sym=True), device="cpu")
+    model = GPTQModel.load(str(reference / "reference"), QuantizeConfig(bits=bits, group_size=GROUP, desc_act=False, sym=True), device="cpu")
     text = tiny_tokenizer()("The capital of France is Paris. " * 8)["input_ids"]
     with contextlib.chdir(reference):  # GPTQModel writes its quantization log to ./logs
         model.quantize([{"input_ids": text, "attention_mask": [1] * len(text)} for _ in range(8)], batch_size=1)
-    model.save(str(reference / "gptq"))
-    return reference / "gptq"
+    model.save(str(reference / f"gptq{bits}"))
+    return reference / f"gptq{bits}"
+
+
+@pytest.fixture(scope="module")
+def gptq_checkpoint(reference):
+    return _gptq(reference, 4)
 
 
 def test_a_gptqmodel_checkpoint_is_dequantized_onto_its_grid(reference, gptq_checkpoint):
@@ -123,10 +131,17 @@ def test_a_gptqmodel_checkpoint_is_dequantized_onto_its_grid(reference, gptq_che
         assert not torch.equal(weight, original[name])
 
 
-def test_diagnose_reads_a_gptq_checkpoint(reference, gptq_checkpoint, tmp_path):
-    diagnosis = diagnose(_config(reference, tmp_path, str(gptq_checkpoint)))
-    assert diagnosis.models[0]["label"] == "gptq (GPTQ 4-bit)"
-    assert diagnosis.models[0]["verdict"]["verdict"] in ("healthy", "degradation", "collapse", "inconclusive")
+def test_diagnose_reads_an_8_bit_gptq_checkpoint_as_healthy(reference, tmp_path):
+    """8-bit GPTQ (256 levels a group of 32 weights) on a reference that knows every fact keeps
+    them (measured: retention 1.0, the line is 0.9; CKA 0.99998, sign flips 0.3%, Jaccard 0.99):
+    Healthy with every vote intact, exit code 0. (At 4 bits the tiny model keeps exactly 90%, the
+    Healthy line itself, so that verdict is not determined.)"""
+    diagnosis = diagnose(_config(reference, tmp_path, str(_gptq(reference, 8))))
+    model = diagnosis.models[0]
+    assert model["label"] == "gptq8 (GPTQ 8-bit)"
+    assert model["verdict"]["verdict"] == "healthy", model["verdict"]
+    assert [row["vote"] for row in model["verdict"]["signatures"]] == ["intact"] * 7
+    assert diagnosis.exit_code == 0
 
 
 def _awq_checkpoint(reference, folder, shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:

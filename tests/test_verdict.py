@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from quantdiag.analysis.positions import GROUPS
 from quantdiag.verdict import verdict_of
 from quantdiag.verdict.evidence import Measured, measure
 from quantdiag.verdict.recommend import injection_blocks
@@ -113,6 +114,150 @@ def test_evidence_is_read_off_results_json():
     assert values["cka_diagonal"].value == pytest.approx(0.9)
     assert values["activation_subspace"].value == pytest.approx((0.75 - 0.1) / 0.9)  # chance k/d = 0.1 taken out
     assert values["sign_flip"].value == pytest.approx(0.1) and values["sign_flip"].reference == 0.0
+
+
+#: The reader test's model: 16 layers (so the early blocks are the first 2), vocabulary 1000, width 100.
+DEEP = 16
+
+
+def _grid(cells: dict[tuple[int, str], float | None], base: float = 0.05) -> list[list[float | None]]:
+    """A (layers x position groups) heatmap: ``base`` everywhere but ``cells``, keyed (layer, group)."""
+    return [[cells.get((layer, group), base) for group in GROUPS] for layer in range(DEEP)]
+
+
+def _matrix(diagonal: list[float], off: float) -> list[list[float]]:
+    return [[diagonal[i] if i == j else off for j in range(DEEP)] for i in range(DEEP)]
+
+
+def _deep_results(failures: int = 10) -> tuple[dict, dict]:
+    """A synthetic results.json with every section a verdict reads, curves that vary over the
+    layers, and decoys (other subsets, streams, positions) holding the values a wrong reader
+    would take."""
+    robust_patching = {"resid": {"restoration": _grid({(2, "last subject"): 0.9})}}
+    patching = {
+        "mlp": {"restoration": _grid({}, base=0.99)},  # first in order: a reader must pick the residual stream
+        "resid": {
+            "restoration": _grid(
+                {
+                    (0, "first subject"): None,  # undefined cells are skipped
+                    (3, "last subject"): 0.62,
+                    (11, "last"): 0.7,  # last token before the last quarter (layers 12-15): counts
+                    (12, "last"): 0.97,  # last quarter of the last token: copies R's output, skipped
+                    (15, "last"): 1.0,
+                }
+            )
+        },
+    }
+    setting = {
+        "key": "rtn-w3",
+        "label": "RTN 3-bit",
+        "method": "rtn",
+        "bits": 3,
+        "average_bits": 3.0,
+        "recall": {"accuracy": 0.2},
+        "lens": {
+            "rtn:failure": {"median_rank": [900.0] * 10 + [400.0, 120.0, 60.0, 30.0, 45.0, 80.0]},
+            "rtn:robust": {"median_rank": [5.0] * DEEP},
+        },
+        "causal": {
+            "rtn:failure": {"patching": patching, "ablation": {"resid": {"drop": _grid({}, base=0.8)}}},
+            "rtn:robust": {"patching": robust_patching},
+        },
+        "representations": {
+            "rtn:failure": {
+                "cka": {
+                    "resid": {
+                        "subject": _matrix([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4] + [0.3] * 9, off=0.9),
+                        "last": _matrix([0.1] * DEEP, off=0.1),
+                    }
+                },
+                "subspaces": {
+                    "subject": {
+                        "activation": [0.91] * 8 + [0.6] * 8,
+                        "error": [0.55] * 8 + [0.2] * 8,
+                        "k": [10] * 8 + [20] * 8,
+                    },
+                    "last": {"activation": [0.0] * DEEP, "error": [1.0] * DEEP, "k": [10] * DEEP},
+                },
+            }
+        },
+        "components": {
+            "rtn:failure": {
+                "sign_flip": [0.1, None, 0.3] + [0.2] * 13,
+                "jaccard": [0.8] * 8 + [0.2] * 8,
+                "value_cosine": [0.9] * 4 + [0.5] * 12,
+                "entropy_subject": [0.0] * DEEP,
+            }
+        },
+        "sensitivity": {
+            "domino": {"robust": [0.9, 0.8, 0.5] + [0.4] * 13, "failure": [0.5, 0.2, 0.1] + [0.0] * 13},
+            "half_damage_block": 2,
+        },
+        "repairs": {
+            "rows": [
+                {"repair": "baseline", "average_bits": 3.0, "failure": 0.3, "robust": 0.4},  # no repair: not counted
+                {"repair": "eora", "average_bits": 3.6, "failure": 0.25, "robust": 0.4},
+                {"repair": "early", "average_bits": 3.6, "failure": 0.125, "robust": 0.5},
+                {"repair": "kurtosis", "average_bits": 3.1, "failure": 0.0, "robust": 0.4},
+                {"repair": "early+amplify", "average_bits": 3.6, "failure": 0.2, "robust": 0.3},
+                {"repair": "early+eora", "average_bits": 4.2, "failure": 0.125, "robust": 0.5},
+            ]
+        },
+    }
+    reference = {
+        "key": "reference",
+        "method": None,
+        "recall": {"accuracy": 0.5},
+        "lens": {
+            "rtn:failure": {"median_rank": [800.0] * 12 + [50.0, 9.0, 2.0, 3.0]},
+            "rtn:robust": {"median_rank": [1.0] * DEEP},
+        },
+        "representations": {
+            "rtn:failure": {"cka": {"resid": {"subject": _matrix([1.0] * DEEP, off=0.5)}}, "subspaces": None}
+        },
+    }
+    results = {
+        "model": {"n_layers": DEEP, "hidden_size": 100, "vocab_size": 1000},
+        "subsets": {"rtn": {"robust": 30, "failure": failures}},
+        "settings": [reference, setting],
+    }
+    return results, setting
+
+
+def test_every_evidence_value_by_hand():
+    """Each reader's value and the reference's, worked out from the synthetic results.json."""
+    results, setting = _deep_results()
+    measured = measure(results, setting)
+    expected = {
+        "lens_rank": (30 / 1000, 2 / 1000),  # best median rank over the layers, over the vocabulary
+        "patching": (0.7, None),  # strongest residual cell; the last token's layers 12-15 left out
+        # 0.475: the diagonal only, not the off-diagonal 0.9
+        "cka_diagonal": ((1.0 + 0.9 + 0.8 + 0.7 + 0.6 + 0.5 + 0.4 + 9 * 0.3) / 16, 1.0),
+        "activation_subspace": (((0.91 - 0.1) / 0.9 + (0.6 - 0.2) / 0.8) / 2, 1.0),  # chance k/d = 0.1, then 0.2: 0.7
+        "error_alignment": (((0.55 - 0.1) / 0.9 + 0.0) / 2, None),  # 0.25
+        "sign_flip": ((0.1 + 0.3 + 13 * 0.2) / 15, 0.0),  # 0.2: the undefined layer is left out
+        "jaccard": (0.5, 1.0),
+        "value_cosine": ((4 * 0.9 + 12 * 0.5) / 16, 1.0),  # 0.6
+        # 0.65: blocks 0-1 (16 // 8 = 2) quantized, 30 Robust and 10 Failure prompts
+        "early_damage": ((30 * 0.8 + 10 * 0.2) / 40, 1.0),
+        "repairs": (0.25, 1.0),  # EoRA's; the baseline's 0.3 is no repair
+    }
+    assert [m.name for m in measured] == list(expected)
+    assert {m.name: m.value for m in measured} == pytest.approx({name: pair[0] for name, pair in expected.items()})
+    assert {m.name: m.reference for m in measured} == {name: pair[1] for name, pair in expected.items()}
+    verdict = verdict_of(results, setting)  # Collapse votes: lens_rank and cka_diagonal, 2 of 10
+    assert (verdict["verdict"], verdict["confidence"], verdict["retention"]) == (DEGRADATION, 0.8, 0.4)
+    assert (verdict["first_damaged_block"], verdict["damage_evidence"]) == (2, "domino")
+
+
+def test_evidence_comes_from_the_robust_subset_when_nothing_fails():
+    """No Failure prompts: the lens and patching are read on the Robust subset, and the domino
+    test's accuracy is the Robust curve's."""
+    results, setting = _deep_results(failures=0)
+    values = {m.name: m.value for m in measure(results, setting)}
+    assert values["lens_rank"] == pytest.approx(5 / 1000)
+    assert values["patching"] == pytest.approx(0.9)
+    assert values["early_damage"] == pytest.approx(0.8)
 
 
 def test_4_bit_like_evidence_is_degradation_and_2_bit_like_is_collapse():

@@ -67,11 +67,12 @@ def _lens_rank(results: dict, setting: dict, key: str):
 
 
 def _patching(results: dict, setting: dict, key: str):
-    maps = (setting.get("causal") or {}).get(key, {}).get("patching")
-    if not maps:
+    """Strongest restoration by the reference's residual stream at one (layer, token group); the
+    last token's last quarter of layers is left out (it copies the reference's output)."""
+    resid = ((setting.get("causal") or {}).get(key, {}).get("patching") or {}).get("resid")
+    if resid is None:
         return None
-    stream = "resid" if "resid" in maps else next(iter(maps))
-    spot = hotspot(np.array(maps[stream]["restoration"], dtype=float), skip_last_from=_COPY_DEPTH)
+    spot = hotspot(np.array(resid["restoration"], dtype=float), skip_last_from=_COPY_DEPTH)
     return None if spot is None else (spot.value, None)
 
 
@@ -125,8 +126,9 @@ def _early_damage(results: dict, setting: dict, key: str):
 
 
 def _repairs(results: dict, setting: dict, key: str):
+    """Best Failure-subset accuracy of the repairs (the baseline row is no repair)."""
     rows = (setting.get("repairs") or {}).get("rows")
-    accuracies = [row["failure"] for row in rows or () if row["failure"] is not None]
+    accuracies = [row["failure"] for row in rows or () if row["repair"] != "baseline" and row["failure"] is not None]
     return (max(accuracies), 1.0) if accuracies else None
 
 

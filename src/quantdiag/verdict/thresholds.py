@@ -135,7 +135,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(
         "repairs",
         "Training-free repairs",
-        "best Failure-subset accuracy reached by any repair (or none)",
+        "best Failure-subset accuracy reached by any repair",
         0.1,
         "below",
         "The paper's repairs bring back a large share of a 4-bit model's Failure subset and none "
