@@ -252,13 +252,15 @@ def _requantized_gguf(source: Path, target: Path, qtype: GGMLQuantizationType) -
 
 def test_diagnose_a_gguf_file(tmp_path):
     """SmolLM2 requantized from Q4_1 to Q4_0 as a GGUF file: read, dequantized by transformers,
-    judged against the built-in reference; not a collapse, and not the same weights."""
+    judged against the built-in reference: Signal Degradation (it keeps less than 90% of the
+    reference's accuracy and no signature votes Collapse)."""
     checkpoint = tmp_path / "smollm2-q4_0.gguf"
     _requantized_gguf(builtin_gguf(), checkpoint, GGMLQuantizationType.Q4_0)
     args = ["diagnose", "--compare", str(checkpoint), "--preset", "quick", "--relations", ",".join(KNOWN_RELATIONS), "--facts", "30", "--out", str(tmp_path / "run"), "--device", "cpu", "--json"]
     result = CliRunner().invoke(app, args)
     model = json.loads(result.stdout)["models"][0]
-    assert model["label"] == "smollm2-q4_0 (GGUF 4-bit)"
-    assert result.exit_code in (0, 3) and model["verdict"]["verdict"] in ("healthy", "degradation"), model
+    assert model["label"] == "smollm2-q4_0 (GGUF 4.50-bit)"  # Q4_0: 18 bytes per 32 weights
+    # Measured: 43% of the reference's accuracy kept (Healthy needs 90%), 0 of 7 Collapse votes.
+    assert result.exit_code == 3 and model["verdict"]["verdict"] == "degradation", model
     flips = next(row for row in model["verdict"]["signatures"] if row["name"] == "sign_flip")
     assert 0 < flips["value"] < 0.25
