@@ -12,6 +12,7 @@ import struct
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ from quantdiag.config import RunConfig
 from quantdiag.data.facts import load_pararel, target_token, tokenize
 from quantdiag.model.load import LoadedModel, load_reference
 from quantdiag.pipeline import run
-from quantdiag.report.html import write_report
+from quantdiag.report.html import _save, write_report
 from quantdiag.runs import RunDir
 
 #: Checkpoint name -> (noise scale, seed): a copy, a little noise, much noise.
@@ -312,3 +313,19 @@ def test_figures_holds_only_this_reports_figures(subsets_run, tmp_path):
     assert sorted(p.name for p in run_dir.figures.iterdir()) == sorted(
         f"{name}{suffix}" for name in drawn for suffix in (".png", ".svg")
     )
+
+
+def test_a_figure_id_with_dots_keeps_its_whole_name(tmp_path):
+    """A GGUF checkpoint's setting key holds its fractional bits (``ckpt-w4.5-...``): its figure
+    files are ``<id>.png`` and ``<id>.svg``, not the id cut at its last dot."""
+    figure, _ = plt.subplots()
+    _save(figure, tmp_path / "lens-ckpt-w4.5-model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lens-ckpt-w4.5-model.png", "lens-ckpt-w4.5-model.svg"]
+
+
+def test_the_figure_sweep_removes_only_figure_files(subsets_run, tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    (run_dir.figures / "notes.txt").write_text("the user's")
+    (run_dir.figures / "drafts").mkdir()
+    _render(_small(subsets_run), tmp_path / "run")
+    assert (run_dir.figures / "notes.txt").is_file() and (run_dir.figures / "drafts").is_dir()

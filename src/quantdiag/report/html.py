@@ -29,19 +29,21 @@ from quantdiag.storage import atomic_file
 _ENV = Environment(loader=PackageLoader("quantdiag", "report/templates"), autoescape=True)
 #: Drawn text is literal: a ``$`` in a label or a relation is not mathtext.
 LITERAL_TEXT = {"text.parse_math": False}
+#: Each figure is saved in these formats (the PNG is also embedded in the report).
+FIGURE_SUFFIXES = (".png", ".svg")
 
 
 def write_report(run_dir: RunDir, results: dict) -> Path:
-    """Draw every figure, save it, remove figures left by an earlier report, and render the
-    report atomically."""
+    """Draw every figure, save it, remove the figure files an earlier report left in ``figures/``,
+    and render the report atomically."""
     with plt.rc_context(LITERAL_TEXT):
         figures = [
             {"id": name, "title": title, "png": figure and _save(figure, run_dir.figures / name), "reading": reading}
             for name, title, figure, reading in _sections(results)
         ]
-    written = {f"{figure['id']}{suffix}" for figure in figures if figure["png"] for suffix in (".png", ".svg")}
+    written = {f"{figure['id']}{suffix}" for figure in figures if figure["png"] for suffix in FIGURE_SUFFIXES}
     for stale in run_dir.figures.iterdir():
-        if stale.name not in written:
+        if stale.is_file() and stale.suffix in FIGURE_SUFFIXES and stale.name not in written:
             stale.unlink()
     html = _ENV.get_template("report.html.j2").render(
         results=results,
@@ -74,8 +76,8 @@ def _save(figure: Figure, stem: Path) -> str:
     """Write ``stem``.png and .svg; return the PNG as base64 for embedding."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=130)
-    for suffix in (".png", ".svg"):
-        with atomic_file(stem.with_suffix(suffix)) as tmp:
+    for suffix in FIGURE_SUFFIXES:
+        with atomic_file(stem.with_name(stem.name + suffix)) as tmp:  # ids may hold dots (4.5-bit)
             if suffix == ".png":
                 tmp.write_bytes(buffer.getvalue())
             else:
