@@ -329,3 +329,12 @@ def test_the_figure_sweep_removes_only_figure_files(subsets_run, tmp_path):
     (run_dir.figures / "drafts").mkdir()
     _render(_small(subsets_run), tmp_path / "run")
     assert (run_dir.figures / "notes.txt").is_file() and (run_dir.figures / "drafts").is_dir()
+
+
+def test_cka_on_fewer_than_3_prompts_does_not_vote(subsets_run):
+    """The "two" checkpoint's Failure subset holds 2 prompts: its CKA diagonal is 1 by
+    construction, so the verdict does not count it."""
+    results = _results(subsets_run)
+    two = next(s for s in results["settings"] if s["method"] == "two")
+    assert results["subsets"]["two"]["failure"] == 2
+    assert "cka_diagonal" not in [row["name"] for row in two["verdict"]["signatures"]]

@@ -19,6 +19,8 @@ from quantdiag.analysis.spill import LayerRows
 
 #: Share of the spectral energy (sum of sigma^2) the top-k directions must hold.
 ENERGY = 0.9
+#: Linear CKA of centred rows needs 3 prompts: on 1 it is undefined, on 2 it is 1 whatever the rows.
+CKA_MIN_PROMPTS = 3
 #: Rows per block: memory of the CKA is about 4 x layers x BLOCK^2 floats.
 BLOCK = 256
 

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from quantdiag.analysis.effects import from_json
+from quantdiag.analysis.similarity import CKA_MIN_PROMPTS
 from quantdiag.report.causal import KIND_LABELS
 from quantdiag.report.plots import BITS_COLORS, REFERENCE_COLOR, Section
 from quantdiag.report.readings import empty_subset, ran
@@ -21,7 +22,6 @@ POSITION_LABELS = {"subject": "last subject token", "last": "last token"}
 POSITION_STYLES = {"subject": "-", "last": "--"}
 #: Linear CKA over n prompts: undefined for 1 (a centred Gram matrix of zeros), 1 for any two
 #: models for 2 (both centred Gram matrices are multiples of [[1, -1], [-1, 1]]).
-CKA_MIN_PROMPTS = 3
 
 
 def representation_sections(results: dict) -> Iterator[Section]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantdiag.analysis.effects import hotspot
+from quantdiag.analysis.similarity import CKA_MIN_PROMPTS
 from quantdiag.verdict.thresholds import EARLY_DIVISOR
 
 #: Residual patching at the last token copies the reference's output from this depth on.
@@ -83,8 +84,10 @@ def cka_diagonal(summary: dict) -> np.ndarray:
 
 
 def _cka(results: dict, setting: dict, key: str):
+    """Mean CKA diagonal, on subsets of at least ``CKA_MIN_PROMPTS`` prompts (below, CKA means nothing)."""
     summary = (setting.get("representations") or {}).get(key)
-    if summary is None:
+    method, subset = key.split(":")
+    if summary is None or results["subsets"][method][subset] < CKA_MIN_PROMPTS:
         return None
     reference = (results["settings"][0].get("representations") or {}).get(key)
     return cka_diagonal(summary).mean(), None if reference is None else cka_diagonal(reference).mean()
