@@ -11,10 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantdiag.analysis.effects import hotspot
-from quantdiag.verdict.thresholds import EARLY_DIVISOR
-
-#: Residual patching at the last token copies the reference's output from this depth on.
-_COPY_DEPTH = 0.75
+from quantdiag.verdict.thresholds import COPY_DEPTH, EARLY_DIVISOR
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ def _patching(results: dict, setting: dict, key: str):
     if not maps:
         return None
     stream = "resid" if "resid" in maps else next(iter(maps))
-    spot = hotspot(np.array(maps[stream]["restoration"], dtype=float), skip_last_from=_COPY_DEPTH)
+    spot = hotspot(np.array(maps[stream]["restoration"], dtype=float), skip_last_from=COPY_DEPTH)
     return None if spot is None else (spot.value, None)
 
 
