@@ -47,7 +47,7 @@ def quick_run(tmp_path_factory):
         facts_per_relation=30,
         device="cpu",
     )
-    report = run(config)
+    report = run(config).report
     return config, report, json.loads((report.parent / "results.json").read_text())
 
 

@@ -23,6 +23,7 @@ from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import builtin_gguf
 from quantdiag.pipeline import build_prompts
 from quantdiag.results import _notes
+from quantdiag.state import RunContext
 from quantdiag.storage import cache_root
 
 #: The shared cache, read before the autouse fixture points QUANTDIAG_CACHE at a test's own folder.
@@ -179,7 +180,7 @@ def test_facts_without_a_target_are_dropped_and_counted():
     assert [p.fact for p in prompts.robustness] == [0, 1]
     wrapped = tokenizer.convert_ids_to_tokens(list(prompts.robustness[1].ids[-3:]) + [prompts.robustness[1].target])
     assert wrapped == ["Ġis", ":", "Ġ", "1"]
-    assert "Facts not scored: 1 (" in _notes(RunConfig(), [], None, prompts.dropped)[-1]
+    assert "Facts not scored: 1 (" in _notes(RunContext(None, None, None, prompts, RunConfig()), [])[-1]
 
 
 def test_facts_none_of_which_has_a_target_are_a_user_error():

@@ -95,7 +95,7 @@ def subsets_run(tmp_path_factory) -> Path:
         robustness_facts=2,
         max_paraphrases=1,
     )
-    return run(config)
+    return run(config).report
 
 
 def _results(report: Path) -> dict:

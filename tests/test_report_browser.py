@@ -26,7 +26,7 @@ def test_the_report_opens_cleanly_in_chromium(tmp_path):
     loaded.model.save_pretrained(tmp_path / "model")
     loaded.tokenizer.save_pretrained(tmp_path / "model")
     config = RunConfig(out=str(tmp_path / "run"), model=str(tmp_path / "model"), methods=("rtn",), bits=(4, 2), preset="quick", relations=("P19", "P36"), device="cpu")
-    report = run(config)
+    report = run(config).report
     errors, page = open_report(report, report.with_suffix(".png"))
     assert errors == []
     figures = len(list((report.parent / "figures").glob("*.png")))

@@ -15,11 +15,12 @@ from quantdiag import storage
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import weights_fingerprint
-from quantdiag.pipeline import PromptSet, RunContext, _repair_reads
+from quantdiag.pipeline import _repair_reads
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.spec import REFERENCE, QuantSpec
 from quantdiag.runs import RunDir
+from quantdiag.state import PromptSet, RunContext
 from quantdiag.storage import atomic_dir, atomic_file, check_manifest, write_json
 
 

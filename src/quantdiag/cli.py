@@ -27,6 +27,7 @@ from quantdiag.analysis.repairs import KURTOSIS_BUDGET
 from quantdiag.config import ANALYSES, PRESETS, RUN_FOLDERS, RunConfig
 from quantdiag.errors import QuantdiagError
 from quantdiag.quant.eora import DEFAULT_RANK
+from quantdiag.state import RunResult
 
 ANALYSES_HELP = f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"
 PROMPTS_HELP = "prompts per subset for the causal analyses (default: from the preset)"
@@ -141,9 +142,9 @@ def _topmost_missing(out: Path) -> Path | None:
     return missing
 
 
-def _show_report(call: Callable[[], Path], out: Path) -> None:
+def _show_report(call: Callable[[], RunResult], out: Path) -> None:
     """Run a command that writes a report and print where the report is."""
-    print(f"report: {_guard(call, out).resolve()}")
+    print(f"report: {_guard(call, out).report.resolve()}")
 
 
 def _bits(text: str | None, option: str) -> tuple[int, ...] | None:

@@ -3,7 +3,6 @@ settings) with a reference, and return each compared model's verdict with the re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,5 @@ def diagnose(config: RunConfig) -> Diagnosis:
     """Run the diagnosis of ``config`` (which names what to compare) and collect the verdicts."""
     if not config.compare and not config.methods:
         raise QuantdiagError("nothing to diagnose: give --compare PATH (a GPTQ or AWQ folder, a GGUF file or a float checkpoint)")
-    report = run(config)
-    results = json.loads((report.parent / "results.json").read_text())
-    models = [{"key": s["key"], "label": s["label"], "verdict": s["verdict"]} for s in results["settings"][1:]]
-    return Diagnosis(report, models)
+    result = run(config)
+    return Diagnosis(result.report, result.verdicts)

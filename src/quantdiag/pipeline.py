@@ -5,11 +5,10 @@ and the report."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
-from functools import cached_property, partial
 from collections.abc import Callable
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,9 @@ from quantdiag.analysis.causal import CAUSAL_ANALYSES, CausalPlan, causal_arrays
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.forward import Scores, score_prompts
 from quantdiag.analysis.recall import subsets
-from quantdiag.analysis.repairs import protected_blocks, repair_arrays
+from quantdiag.analysis.repairs import protect_setting, protect_spec, protected_blocks, repair_arrays, repairable
 from quantdiag.analysis.representations import representation_arrays
-from quantdiag.analysis.sensitivity import half_damage_block, injection_arrays, sensitivity_arrays
+from quantdiag.analysis.sensitivity import half_damage_block, injection_arrays, injection_settings, sensitivity_arrays
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
 from quantdiag.errors import QuantdiagError
@@ -28,77 +27,16 @@ from quantdiag.model.load import LoadedModel, load_reference
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.checkpoint import ComparedSpec
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, eora_key
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, eora_key
 from quantdiag.report.html import write_report
 from quantdiag.results import build_results
 from quantdiag.runs import RunDir, save_arrays
-from quantdiag.storage import cache_key, cache_root, sweep_leftovers
+from quantdiag.state import Analyses, Evaluated, PromptSet, RunContext, RunResult
+from quantdiag.storage import cache_root, sweep_leftovers
 
 
-@dataclass
-class PromptSet:
-    """Primary prompts (one per scored fact) and robustness prompts (paraphrases of a sample of
-    them); ``facts``: the scored facts, ``dropped``: how many had no target to score."""
-
-    primary: list[Prompt]
-    robustness: list[Prompt]
-    facts: list[Fact]
-    dropped: int
-
-    @property
-    def fact_of_robustness(self) -> np.ndarray:
-        return np.array([p.fact for p in self.robustness], dtype=np.int64)
-
-    @cached_property
-    def digest(self) -> str:
-        """Hash of every prompt's fact, ids, target and subject span (causal tracing, components
-        and representations read it): part of every stage's cache key."""
-        blob = repr([(p.fact, p.ids, p.target, p.subject) for p in self.primary + self.robustness]).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@dataclass
-class Evaluated:
-    """One model setting's scores on the primary and robustness prompts."""
-
-    setting: str
-    spec: ComparedSpec | None
-    scores: Scores
-    robustness: Scores
-
-
-@dataclass
-class Analyses:
-    """The arrays of the optional analyses; empty where an analysis did not run."""
-
-    causal: dict[str, dict[str, np.ndarray]]  # setting -> causal arrays
-    components: dict[str, np.ndarray]
-    representations: dict[str, dict[str, np.ndarray]]  # setting -> statistics
-    sensitivity: dict[str, dict[str, np.ndarray]]  # setting -> per-prompt correctness under plans
-    injection: dict[str, dict[str, np.ndarray]]  # method -> signal injection into its 2-bit setting
-    repairs: dict[str, dict[str, np.ndarray]]  # setting -> repair table
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What every stage of a run works with: where results go, the model, its weight bank, the
-    prompts and the configuration."""
-
-    run_dir: RunDir
-    loaded: LoadedModel
-    bank: WeightBank
-    prompts: PromptSet
-    config: RunConfig
-
-    def stage_key(self, settings: str | list[str], *parts) -> str:
-        """A stage's cache key: the code versions, the model, the weight files of ``settings``
-        (with the calibration they depend on), the prompts and ``parts``."""
-        names = self.bank.path(settings).name if isinstance(settings, str) else [self.bank.path(s).name for s in settings]
-        return cache_key(self.loaded.fingerprint, names, self.prompts.digest, *parts)
-
-
-def run(config: RunConfig) -> Path:
-    """Run the diagnosis described by ``config``; returns the report's path."""
+def run(config: RunConfig) -> RunResult:
+    """Run the diagnosis described by ``config``; returns the report's path and the results."""
     config = config.resolved()
     sweep_leftovers(cache_root())
     loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
@@ -127,15 +65,15 @@ def run(config: RunConfig) -> Path:
     repairs = repair_effects(context, groups, sensitivity)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     analyses = Analyses(causal, components, representations, sensitivity, injection, repairs)
-    results = build_results(config, loaded, facts, prompts, reference, evaluated, bank, calibration, groups, analyses)
+    results = build_results(context, reference, evaluated, groups, analyses)
     run_dir.write_json("results.json", results)
     arrays = _arrays(reference, evaluated, facts, analyses)
     save_arrays(run_dir.path / "arrays.npz", arrays)
     write_report(run_dir, results)
-    return run_dir.report
+    return RunResult(run_dir.report, results)
 
 
-def rerun(run_dir: Path, analyses: tuple[str, ...] = (), **changes) -> Path:
+def rerun(run_dir: Path, analyses: tuple[str, ...] = (), **changes) -> RunResult:
     """Run again on an existing run directory adding ``analyses`` to its own, with some options
     changed (``None``: keep): finished stages are reused, so only new work is computed.
     ``quantdiag patch``."""
@@ -273,8 +211,8 @@ def sensitivity_effects(
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """Setting -> sensitivity arrays (``sensitivity.sensitivity_arrays``) on its method's Robust
     and Failure prompts, with ``rows`` and the ``failure`` mask; method -> signal injection into
-    its 2-bit setting from the reference, 8-bit and 4-bit (those in the run), on its Failure
-    prompts (when the run has sensitivity maps). Each is a resumable stage."""
+    its low setting from the reference and its higher ones (``sensitivity.injection_settings``),
+    on its Failure prompts (when the run has sensitivity maps). Each is a resumable stage."""
     loaded, bank, config, primary = context.loaded, context.bank, context.config, context.prompts.primary
     effects, injection = {}, {}
     for spec in config.sensitivity_specs():
@@ -286,13 +224,15 @@ def sensitivity_effects(
         arrays = context.run_dir.cached(f"sensitivity-{spec.key}", context.stage_key(spec.key, rows.tolist()), compute)
         effects[spec.key] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
     for method, named in groups.items():
-        by_bits = {spec.bits: spec.key for spec in config.specs() if spec.method == method}
-        if "sensitivity" not in config.analyses or 2 not in by_bits or not len(named["failure"]):
+        chosen = injection_settings(method, config.specs()) if "sensitivity" in config.analyses else None
+        if chosen is None or not len(named["failure"]):
             continue
-        highs = [REFERENCE] + [by_bits[bits] for bits in (8, 4) if bits in by_bits]
-        key = context.stage_key([by_bits[2], *highs], named["failure"].tolist())
-        compute = partial(injection_arrays, loaded, bank, by_bits[2], highs, [primary[i] for i in named["failure"]], config.batch_size)
-        injection[method] = context.run_dir.cached(f"injection-{method}", key, compute) | {"low": np.array(by_bits[2]), "highs": np.array(highs)}
+        low, highs = chosen
+        key = context.stage_key([low, *highs], named["failure"].tolist())
+        failure = [primary[i] for i in named["failure"]]
+        compute = partial(injection_arrays, loaded, bank, low, highs, failure, config.batch_size)
+        arrays = context.run_dir.cached(f"injection-{method}", key, compute)
+        injection[method] = arrays | {"low": np.array(low), "highs": np.array(highs)}
     return effects, injection
 
 
@@ -300,16 +240,15 @@ def repair_effects(
     context: RunContext, groups: dict[str, dict[str, np.ndarray]], sensitivity: dict[str, dict[str, np.ndarray]]
 ) -> dict[str, dict[str, np.ndarray]]:
     """Setting -> repair table (``repairs.repair_arrays``) on its method's Failure and Robust
-    prompts, protecting with the method's 8-bit setting (quantized if the run has none; a
-    checkpoint's protected blocks are the reference's); m from the setting's domino test when the
-    run has one. Each setting is a resumable stage."""
+    prompts (of settings ``repairs.repairable``), protecting with ``repairs.protect_setting``
+    (quantized if the run has none); m from the setting's domino test when the run has one. Each
+    setting is a resumable stage."""
     loaded, bank, config = context.loaded, context.bank, context.config
     options = config.repair_options()
-    specs = [spec for spec in config.repair_specs() if len(groups.get(spec.method, {}).get("failure", [])) >= 2]
-    protects = {spec.key: _protect(spec) for spec in specs}
-    for spec in specs:
-        if isinstance(spec, QuantSpec):
-            bank.ensure(replace(spec, bits=8))
+    specs = [spec for spec in config.repair_specs() if repairable(spec, groups)]
+    protects = {spec.key: protect_setting(spec) for spec in specs}
+    for protect in filter(None, map(protect_spec, specs)):
+        bank.ensure(protect)
     bank.ensure_eora([key for spec in specs for key in (spec.key, protects[spec.key]) if key != REFERENCE], options.rank)
     tables = {}
     for spec in specs:
@@ -328,11 +267,6 @@ def _repair_reads(setting: str, protect: str, rank: int) -> list[str]:
     """The weight settings a repair table reads: the setting, the protecting one and their EoRA
     compensations (which depend on the calibration even when the setting does not)."""
     return [setting, protect] + [eora_key(s, rank) for s in (setting, protect) if s != REFERENCE]
-
-
-def _protect(spec: ComparedSpec) -> str:
-    """The setting protected blocks get: the method's 8-bit, or a checkpoint's reference."""
-    return replace(spec, bits=8).key if isinstance(spec, QuantSpec) else REFERENCE
 
 
 def _arrays(reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact], analyses: Analyses) -> dict[str, np.ndarray]:

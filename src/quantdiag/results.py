@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from quantdiag.analysis.causal import CAUSAL_ANALYSES
@@ -12,20 +10,18 @@ from quantdiag.analysis.effects import as_json, per_token_restoration, subset_su
 from quantdiag.analysis.lens import lens_curves
 from quantdiag.analysis.positions import GROUPS
 from quantdiag.analysis.recall import recall_summary
-from quantdiag.analysis.repairs import REPAIRS, repair_summary
+from quantdiag.analysis.repair_names import REPAIRS
+from quantdiag.analysis.repairs import repair_summary
 from quantdiag.analysis.representations import POSITIONS, STREAMS, SUBSPACE_STREAM, representation_summary
 from quantdiag.analysis.sensitivity import injection_summary, sensitivity_summary
 from quantdiag.analysis.similarity import ENERGY
 from quantdiag.config import RunConfig
-from quantdiag.data.facts import Fact
-from quantdiag.model.load import DEFAULT_MODEL, LoadedModel
-from quantdiag.quant.bank import WeightBank
-from quantdiag.quant.calib import Calibration
-from quantdiag.quant.spec import REFERENCE, REFERENCE_BITS, PrecisionPlan, QuantSpec
+from quantdiag.model.load import DEFAULT_MODEL
+from quantdiag.quant.spec import REFERENCE_BITS, PrecisionPlan, QuantSpec
+from quantdiag.state import Analyses, Evaluated, PromptSet, RunContext
 from quantdiag.verdict import rules, verdict_of
 
-if TYPE_CHECKING:
-    from quantdiag.pipeline import Analyses, Evaluated, PromptSet
+Groups = dict[str, dict[str, np.ndarray]]  # method -> subset name -> fact rows
 
 SCHEMA_VERSION = 2
 REFERENCE_NOTE_SMOLLM2 = (
@@ -47,84 +43,29 @@ SWAP_NOTE = (
 
 
 def build_results(
-    config: RunConfig,
-    loaded: LoadedModel,
-    facts: list[Fact],
-    prompts: PromptSet,
-    reference: Evaluated,
-    evaluated: list[Evaluated],
-    bank: WeightBank,
-    calibration: Calibration | None,
-    method_subsets: dict[str, dict[str, np.ndarray]],
-    analyses: Analyses,
+    context: RunContext, reference: Evaluated, evaluated: list[Evaluated], groups: Groups, analyses: Analyses
 ) -> dict:
-    """Assemble the summary; ``docs/results.md`` documents every field."""
-    causal, components, representations = analyses.causal, analyses.components, analyses.representations
-    fact_of_robustness = prompts.fact_of_robustness
-    settings = [_setting(reference, facts, loaded, fact_of_robustness, method_subsets, bank)]
-    settings += [_setting(item, facts, loaded, fact_of_robustness, method_subsets, bank) for item in evaluated]
-    for setting in settings:
-        if setting["key"] in causal:
-            setting["causal"] = _causal(causal[setting["key"]], prompts, loaded)
-        if components:
-            setting["components"] = {
-                f"{m}:{name}": component_curves(components, setting["key"], rows)
-                for m, named in method_subsets.items()
-                if setting["method"] in (None, m)
-                for name, rows in named.items()
-            }
-        if setting["key"] in representations:
-            arrays = representations[setting["key"]]
-            subsets = sorted({key.split("/")[0] for key in arrays})
-            setting["representations"] = {subset: representation_summary(arrays, subset) for subset in subsets}
-        if setting["key"] in analyses.sensitivity:
-            setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[setting["key"]])
-        if setting["key"] in analyses.repairs:
-            setting["repairs"] = repair_summary(analyses.repairs[setting["key"]])
+    """Assemble the summary of the reference and the ``evaluated`` settings, with ``groups`` their
+    methods' subsets; ``docs/results.md`` documents every field."""
+    config = context.config
+    settings = [_setting(context, item, groups, analyses) for item in [reference, *evaluated]]
     results = {
         "schema_version": SCHEMA_VERSION,
-        "model": {
-            "name": loaded.name,
-            "source": config.model,
-            "family": loaded.adapter.arch.family,
-            "n_layers": loaded.adapter.n_layers,
-            "hidden_size": loaded.model.config.hidden_size,
-            "vocab_size": loaded.model.config.vocab_size,
-            "fingerprint": loaded.fingerprint,
-        },
+        "model": _model(context),
         "config": config.to_json(),
-        "facts": {
-            "count": len(facts),
-            "relations": sorted({fact.relation for fact in facts}),
-            "robustness_prompts": len(fact_of_robustness),
-            "robustness_facts": int(len(np.unique(fact_of_robustness))),
-        },
-        "calibration": None if calibration is None else calibration.describe(),
-        "subsets": {
-            method: {
-                "defined_by": next(item.spec.label for item in evaluated if item.spec.method == method and item.spec.defines_subsets(config.subset_bits)),
-                **{name: len(rows) for name, rows in groups.items()},
-            }
-            for method, groups in method_subsets.items()
-        },
-        "causal": {
-            "analyses": [a for a in config.analyses if a in CAUSAL_ANALYSES],
-            "streams": list(config.streams),
-            "window": config.window,
-            "prompts_per_subset": config.patch_prompts,
-            "positions": list(GROUPS),
-        }
-        if causal
-        else None,
+        "facts": _facts(context.prompts),
+        "calibration": None if context.bank.calibration is None else context.bank.calibration.describe(),
+        "subsets": _subsets(config, evaluated, groups),
+        "causal": _causal_options(config) if analyses.causal else None,
         "representations": {"streams": list(STREAMS), "positions": list(POSITIONS), "subspace_stream": SUBSPACE_STREAM, "energy": ENERGY}
-        if representations
+        if analyses.representations
         else None,
         "injection": {method: injection_summary(values) for method, values in analyses.injection.items()} or None,
         "repairs": {"rank": config.eora_rank, "budget": config.kurtosis_budget, "alphas": list(config.repair_options().alphas), "repairs": list(REPAIRS)}
         if analyses.repairs
         else None,
         "settings": settings,
-        "notes": _notes(config, evaluated, bank, prompts.dropped),
+        "notes": _notes(context, evaluated),
         "verdict_rules": rules(),
     }
     for setting in settings[1:]:
@@ -132,33 +73,100 @@ def build_results(
     return results
 
 
-def _setting(
-    item: Evaluated,
-    facts: list[Fact],
-    loaded: LoadedModel,
-    fact_of_robustness: np.ndarray,
-    method_subsets: dict[str, dict[str, np.ndarray]],
-    bank: WeightBank,
-) -> dict:
-    spec = item.spec
+def _model(context: RunContext) -> dict:
+    """The reference model: its name, where it came from, its shape and weights' fingerprint."""
+    loaded = context.loaded
+    return {
+        "name": loaded.name,
+        "source": context.config.model,
+        "family": loaded.adapter.arch.family,
+        "n_layers": loaded.adapter.n_layers,
+        "hidden_size": loaded.model.config.hidden_size,
+        "vocab_size": loaded.model.config.vocab_size,
+        "fingerprint": loaded.fingerprint,
+    }
+
+
+def _facts(prompts: PromptSet) -> dict:
+    """How many facts were scored, of which relations, and the robustness prompts' counts."""
+    fact_of_robustness = prompts.fact_of_robustness
+    return {
+        "count": len(prompts.facts),
+        "relations": sorted({fact.relation for fact in prompts.facts}),
+        "robustness_prompts": len(fact_of_robustness),
+        "robustness_facts": int(len(np.unique(fact_of_robustness))),
+    }
+
+
+def _subsets(config: RunConfig, evaluated: list[Evaluated], groups: Groups) -> dict:
+    """Per method: the setting that defines its subsets, and each subset's size."""
+    definers = [item.spec for item in evaluated if item.spec.defines_subsets(config.subset_bits)]
+    return {
+        method: {
+            "defined_by": next(spec.label for spec in definers if spec.method == method),
+            **{name: len(rows) for name, rows in named.items()},
+        }
+        for method, named in groups.items()
+    }
+
+
+def _causal_options(config: RunConfig) -> dict:
+    """What the causal analyses ran with."""
+    return {
+        "analyses": [a for a in config.analyses if a in CAUSAL_ANALYSES],
+        "streams": list(config.streams),
+        "window": config.window,
+        "prompts_per_subset": config.patch_prompts,
+        "positions": list(GROUPS),
+    }
+
+
+def _setting(context: RunContext, item: Evaluated, groups: Groups, analyses: Analyses) -> dict:
+    """One setting's recall and lens, then the summary of each analysis that ran on it."""
+    setting, key = _scores(context, item, groups), item.setting
+    if key in analyses.causal:
+        setting["causal"] = _causal(context, analyses.causal[key])
+    if analyses.components:
+        setting["components"] = {
+            f"{m}:{name}": component_curves(analyses.components, key, rows)
+            for m, named in groups.items()
+            if setting["method"] in (None, m)
+            for name, rows in named.items()
+        }
+    if key in analyses.representations:
+        arrays = analyses.representations[key]
+        subsets = sorted({name.split("/")[0] for name in arrays})
+        setting["representations"] = {subset: representation_summary(arrays, subset) for subset in subsets}
+    if key in analyses.sensitivity:
+        setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[key])
+    if key in analyses.repairs:
+        setting["repairs"] = repair_summary(analyses.repairs[key])
+    return setting
+
+
+def _scores(context: RunContext, item: Evaluated, groups: Groups) -> dict:
+    """A setting's name, widths, recall and lens curves (the reference's on every subset too)."""
+    spec, facts = item.spec, context.prompts.facts
     if spec is None:
         lens_groups = {"all": np.arange(len(facts))}
-        lens_groups |= {f"{m}:{name}": rows for m, groups in method_subsets.items() for name, rows in groups.items()}
+        lens_groups |= {f"{m}:{name}": rows for m, named in groups.items() for name, rows in named.items()}
     else:
-        lens_groups = {f"{spec.method}:{name}": rows for name, rows in method_subsets.get(spec.method, {}).items()}
+        lens_groups = {f"{spec.method}:{name}": rows for name, rows in groups.get(spec.method, {}).items()}
+    tokenizer, fact_of_robustness = context.loaded.tokenizer, context.prompts.fact_of_robustness
     return {
         "key": item.setting,
         "label": "Reference" if spec is None else spec.label,
         "method": None if spec is None else spec.method,
         "bits": REFERENCE_BITS if spec is None else spec.bits,
-        "average_bits": bank.average_bits(PrecisionPlan.uniform(item.setting)),
-        "recall": recall_summary(facts, item.scores, loaded.tokenizer, item.robustness, fact_of_robustness),
+        "average_bits": context.bank.average_bits(PrecisionPlan.uniform(item.setting)),
+        "recall": recall_summary(facts, item.scores, tokenizer, item.robustness, fact_of_robustness),
         "lens": {name: lens_curves(item.scores, rows) for name, rows in lens_groups.items()},
     }
 
 
-def _causal(arrays: dict[str, np.ndarray], prompts: PromptSet, loaded: LoadedModel) -> dict:
+def _causal(context: RunContext, arrays: dict[str, np.ndarray]) -> dict:
     """Per subset: the grouped heatmaps, and the per-token view of the subset's first prompt."""
+    prompts, tokenizer = context.prompts, context.loaded.tokenizer
     out = {}
     for subset in sorted({key.split("/")[0] for key in arrays}):
         out[subset] = subset_summary(arrays, subset)
@@ -168,14 +176,16 @@ def _causal(arrays: dict[str, np.ndarray], prompts: PromptSet, loaded: LoadedMod
             grid = arrays[f"{subset}/patching/resid"][0, :, :length]
             p_model, p_reference = arrays[f"{subset}/p_model"][0], arrays[f"{subset}/p_reference"][0]
             out[subset]["example"] = {
-                "tokens": [loaded.tokenizer.decode([token]) for token in prompt.ids],
-                "target": loaded.tokenizer.decode([prompt.target]),
+                "tokens": [tokenizer.decode([token]) for token in prompt.ids],
+                "target": tokenizer.decode([prompt.target]),
                 "restoration": as_json(per_token_restoration(grid, p_model, p_reference)),
             }
     return out
 
 
-def _notes(config: RunConfig, evaluated: list[Evaluated], bank: WeightBank, dropped: int) -> list[str]:
+def _notes(context: RunContext, evaluated: list[Evaluated]) -> list[str]:
+    """How the settings were compared, which facts were dropped, and group-size fallbacks."""
+    config, bank, dropped = context.config, context.bank, context.prompts.dropped
     notes = [SWAP_NOTE] + ([CHECKPOINT_NOTE] if config.compare else [])
     if dropped:
         notes.append(DROPPED_NOTE.format(count=dropped))

@@ -8,6 +8,9 @@ import numpy as np
 
 from quantdiag.analysis.forward import Scores
 
+#: The mean answer probability at which the signal counts as present at a layer.
+SIGNAL_PROB = 0.1
+
 
 def lens_curves(scores: Scores, rows: np.ndarray) -> dict[str, list[float]] | None:
     """Mean ``p_l(y)`` and median rank per layer over ``rows``; ``None`` for an empty subset."""
@@ -17,7 +20,7 @@ def lens_curves(scores: Scores, rows: np.ndarray) -> dict[str, list[float]] | No
     return {"mean_prob": np.nanmean(prob, axis=0).tolist(), "median_rank": np.median(rank, axis=0).tolist()}
 
 
-def signal_layer(curve: dict[str, list[float]], threshold: float = 0.1) -> int | None:
+def signal_layer(curve: dict[str, list[float]], threshold: float = SIGNAL_PROB) -> int | None:
     """First layer whose mean answer probability reaches ``threshold`` (where the signal appears)."""
     above = [layer for layer, p in enumerate(curve["mean_prob"]) if p >= threshold]
     return above[0] if above else None

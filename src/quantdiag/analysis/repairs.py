@@ -11,32 +11,33 @@ the paper's Table 1 for one setting.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from quantdiag.analysis.amplify import amplified_correct, best_alpha, dev_test_split
 from quantdiag.analysis.effects import as_json
+from quantdiag.analysis.repair_names import REPAIRS
 from quantdiag.analysis.sensitivity import correct_under
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.plans import blocks_plan
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Rule
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule
+from quantdiag.verdict.thresholds import EARLY_DIVISOR
 
 KURTOSIS_BUDGET = 4.1
-#: Repairs in the order of the table; "+" joins what is combined.
-REPAIRS = ("baseline", "eora", "early", "kurtosis", "early+amplify", "early+eora")
-REPAIR_NAMES = {
-    "baseline": "no repair",
-    "eora": "EoRA",
-    "early": "early protection",
-    "kurtosis": "kurtosis protection",
-    "early+amplify": "early protection + amplification",
-    "early+eora": "early protection + EoRA",
-}
+#: Fewer Failure prompts than this and a setting gets no repairs (no dev split to tune on and test
+#: split to score).
+MIN_FAILURE = 2
+#: Protected blocks and matrices get the method's setting at this width.
+PROTECT_BITS = 8
+#: Without a domino test, early protection keeps L / this blocks, rounded: the paper's 2 of 32
+#: (half of the early blocks, ``EARLY_DIVISOR``).
+PAPER_PROTECT_DIVISOR = 16
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,32 @@ class RepairOptions:
     seed: int
 
 
+def repairable(spec: ComparedSpec, groups: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    """Whether ``spec`` gets the repair table: its method's Failure subset (``groups``: method ->
+    subset -> rows) has at least ``MIN_FAILURE`` prompts."""
+    return len(groups.get(spec.method, {}).get("failure", [])) >= MIN_FAILURE
+
+
+def protect_spec(spec: ComparedSpec) -> QuantSpec | None:
+    """The setting protected weights of ``spec`` get: its method's ``PROTECT_BITS``-bit one;
+    ``None`` (the reference) for a checkpoint, which has no other widths."""
+    return replace(spec, bits=PROTECT_BITS) if isinstance(spec, QuantSpec) else None
+
+
+def protect_setting(spec: ComparedSpec) -> str:
+    """The key of ``protect_spec(spec)``, the reference's for a checkpoint."""
+    protect = protect_spec(spec)
+    return REFERENCE if protect is None else protect.key
+
+
 def protected_blocks(layers: int, half_damage_block: int | None, given: int | None) -> int:
-    """m: as given; else the blocks up to the domino test's half-damage block, at most L // 8;
-    without a domino test L / 16 rounded (the paper's 2 of 32); at least 1."""
+    """m: as given; else the blocks up to the domino test's half-damage block, at most the early
+    blocks (L // EARLY_DIVISOR); without a domino test L / PAPER_PROTECT_DIVISOR rounded; at least 1."""
     if given is not None:
         return given
     if half_damage_block is not None:
-        return max(1, min(half_damage_block + 1, layers // 8))
-    return max(1, round(layers / 16))
+        return max(1, min(half_damage_block + 1, layers // EARLY_DIVISOR))
+    return max(1, round(layers / PAPER_PROTECT_DIVISOR))
 
 
 def excess_kurtosis(weight: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ k blocks at a higher precision over a 2-bit model).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,14 @@ from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.stack import run_block, trace_stack
 from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.plans import COMPONENT_GROUPS, blocks_plan, component_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+
+#: Signal injection goes into each method's setting of this width...
+INJECTION_LOW_BITS = 2
+#: ...from the reference, then from its settings of these widths (those in the run), in this order.
+INJECTION_HIGH_BITS = (8, 4)
 
 
 def correct_under(loaded: LoadedModel, bank: WeightBank, plan: PrecisionPlan, prompts: Sequence[Prompt], batch_size: int) -> np.ndarray:
@@ -67,6 +73,15 @@ def block_sweeps(
                     hidden = run_block(adapter.blocks[layer], hidden.to(reference.states[layer].device), reference.kwargs[layer])
                 correct[test][k, batch] = (adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets).numpy()
     return correct["domino"], correct["single"]
+
+
+def injection_settings(method: str, specs: Iterable[ComparedSpec]) -> tuple[str, list[str]] | None:
+    """The setting signal injection of ``method`` goes into and those it injects from (the
+    reference first), among ``specs``; ``None`` when the run has no low setting of ``method``."""
+    by_bits = {spec.bits: spec.key for spec in specs if spec.method == method}
+    if INJECTION_LOW_BITS not in by_bits:
+        return None
+    return by_bits[INJECTION_LOW_BITS], [REFERENCE] + [by_bits[bits] for bits in INJECTION_HIGH_BITS if bits in by_bits]
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ from quantdiag.analysis.effects import early_last_subject, from_json, hotspot
 from quantdiag.analysis.positions import GROUPS
 from quantdiag.report.plots import Section
 from quantdiag.report.readings import empty_subset, ran
+from quantdiag.verdict.thresholds import COPY_DEPTH
 
 KIND_LABELS = {"resid": "residual", "mlp": "MLP output", "attn": "attention output"}
 #: analysis -> (metric in results.json, colour-bar label, its definition, colormap, value range)
@@ -78,7 +79,7 @@ def heatmaps(results: dict, method: str, subset: str, analysis: str) -> tuple[Fi
 
 def _reading(label: str, kind: str, analysis: str, cells: np.ndarray) -> str:
     """Where the hotspot is and how strong, in one line."""
-    skip_last_from = 0.0 if analysis == "ablation" else 0.75 if kind == "resid" else 1.0
+    skip_last_from = 0.0 if analysis == "ablation" else COPY_DEPTH if kind == "resid" else 1.0
     spot = hotspot(cells, skip_last_from)
     if spot is None:
         return f"{label}, {KIND_LABELS[kind]}: undefined (this model gives the answer nearly the reference's probability)."

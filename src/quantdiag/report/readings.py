@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantdiag.analysis.lens import signal_layer
+from quantdiag.analysis.lens import SIGNAL_PROB, signal_layer
 
 
 def ran(results: dict, *analyses: str) -> bool:
@@ -74,7 +74,7 @@ def lens_reading(results: dict, method: str) -> str:
             continue
         layer = signal_layer(curve)
         peak = max(curve["mean_prob"])
-        where = f"p>=0.1 from layer {layer}" if layer is not None else "never reaches p=0.1"
+        where = f"p>={SIGNAL_PROB:g} from layer {layer}" if layer is not None else f"never reaches p={SIGNAL_PROB:g}"
         parts.append(f"{setting['label']}: {where} (peak {peak:.2f}, final median rank {curve['median_rank'][-1]:g})")
     if not parts:
         return empty_subset(results, method, "failure")

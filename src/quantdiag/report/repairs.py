@@ -10,12 +10,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from quantdiag.analysis.repairs import REPAIR_NAMES
+from quantdiag.analysis.repair_names import REPAIR_NAMES
+from quantdiag.analysis.repairs import MIN_FAILURE
 from quantdiag.report.plots import Section
 from quantdiag.report.readings import ran
 
-#: Fewer Failure prompts than this and the pipeline runs no repairs (no dev/test split).
-MIN_FAILURE = 2
 LABELS = {name: "baseline" if name == "baseline" else f"+ {words}" for name, words in REPAIR_NAMES.items()}
 
 

@@ -12,10 +12,7 @@ import numpy as np
 
 from quantdiag.analysis.effects import hotspot
 from quantdiag.analysis.similarity import CKA_MIN_PROMPTS
-from quantdiag.verdict.thresholds import EARLY_DIVISOR
-
-#: Residual patching at the last token copies the reference's output from this depth on.
-_COPY_DEPTH = 0.75
+from quantdiag.verdict.thresholds import COPY_DEPTH, EARLY_DIVISOR
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ def _patching(results: dict, setting: dict, key: str):
     resid = ((setting.get("causal") or {}).get(key, {}).get("patching") or {}).get("resid")
     if resid is None:
         return None
-    spot = hotspot(np.array(resid["restoration"], dtype=float), skip_last_from=_COPY_DEPTH)
+    spot = hotspot(np.array(resid["restoration"], dtype=float), skip_last_from=COPY_DEPTH)
     return None if spot is None else (spot.value, None)
 
 

@@ -4,7 +4,7 @@ numbers) and where more bits or retraining are needed."""
 
 from __future__ import annotations
 
-from quantdiag.analysis.repairs import REPAIR_NAMES
+from quantdiag.analysis.repair_names import REPAIR_NAMES
 from quantdiag.verdict.rules import COLLAPSE, DEGRADATION, HEALTHY
 from quantdiag.verdict.thresholds import INJECTION_RECOVERY, REPAIR_GAIN
 

@@ -9,15 +9,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantdiag.verdict.evidence import Measured, cka_diagonal, subset_key
-from quantdiag.verdict.thresholds import BY_NAME, CONFIDENCE_LEVELS, FULL_EVIDENCE, HEALTHY_RETENTION, MAJORITY, MIN_SIGNATURES
+from quantdiag.verdict.thresholds import (
+    BY_NAME,
+    CONFIDENCE_LEVELS,
+    DECISIVE,
+    FULL_EVIDENCE,
+    HEALTHY_RETENTION,
+    LENS_GAP,
+    LENS_SURFACED,
+    MAJORITY,
+    MIN_SIGNATURES,
+)
 
 HEALTHY, DEGRADATION, COLLAPSE, INCONCLUSIVE = "healthy", "degradation", "collapse", "inconclusive"
 TITLES = {HEALTHY: "Healthy", DEGRADATION: "Signal Degradation", COLLAPSE: "Computation Collapse", INCONCLUSIVE: "Inconclusive"}
-#: Signatures named on a card as having decided the verdict.
-DECISIVE = 3
-#: The lens names a layer where the reference's answer is within this rank and the model's is
-#: ``_LENS_GAP`` times further down.
-_LENS_SURFACED, _LENS_GAP = 100, 10
 
 
 @dataclass(frozen=True)
@@ -99,5 +104,5 @@ def first_damaged_block(results: dict, setting: dict) -> tuple[int | None, str |
     if curve is None or reference is None:
         return None, None
     model_rank, reference_rank = np.array(curve["median_rank"]), np.array(reference["median_rank"])
-    lost = np.flatnonzero((reference_rank <= _LENS_SURFACED) & (model_rank > _LENS_GAP * reference_rank))
+    lost = np.flatnonzero((reference_rank <= LENS_SURFACED) & (model_rank > LENS_GAP * reference_rank))
     return (int(lost[0]), "lens") if len(lost) else (None, None)

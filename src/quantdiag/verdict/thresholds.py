@@ -163,3 +163,13 @@ REPAIR_GAIN = 0.05
 #: Injection names the blocks that need more bits: the fewest leading blocks at reference
 #: precision that bring back this share of the Failure subset.
 INJECTION_RECOVERY = 0.5
+#: A verdict card names this many of the agreeing signatures, furthest past their lines first:
+#: enough to show the pattern behind a verdict, few enough to read at a glance.
+DECISIVE = 3
+#: The lens dates the damage to the first layer where the reference's answer has surfaced (median
+#: rank within ``LENS_SURFACED``) and the model's is ``LENS_GAP`` times further down: a rank in
+#: the top 100 is a visible signal, and a tenfold drop is a loss, not rank noise.
+LENS_SURFACED, LENS_GAP = 100, 10
+#: From this fraction of the depth on, residual patching at the last token copies the reference's
+#: output, so restoration there is near 1 for any model: hotspots skip the last token from there.
+COPY_DEPTH = 0.75

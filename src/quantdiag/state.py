@@ -1,0 +1,97 @@
+"""What a run carries between its stages: the prompts, each setting's scores, the analyses'
+arrays, the context every stage works with, and what ``run`` returns."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from quantdiag.analysis.forward import Scores
+from quantdiag.config import RunConfig
+from quantdiag.data.facts import Fact, Prompt
+from quantdiag.model.load import LoadedModel
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.checkpoint import ComparedSpec
+from quantdiag.runs import RunDir
+from quantdiag.storage import cache_key
+
+
+@dataclass
+class PromptSet:
+    """Primary prompts (one per scored fact) and robustness prompts (paraphrases of a sample of
+    them); ``facts``: the scored facts, ``dropped``: how many had no target to score."""
+
+    primary: list[Prompt]
+    robustness: list[Prompt]
+    facts: list[Fact]
+    dropped: int
+
+    @property
+    def fact_of_robustness(self) -> np.ndarray:
+        return np.array([p.fact for p in self.robustness], dtype=np.int64)
+
+    @cached_property
+    def digest(self) -> str:
+        """Hash of every prompt's fact, ids, target and subject span (causal tracing, components
+        and representations read it): part of every stage's cache key."""
+        blob = repr([(p.fact, p.ids, p.target, p.subject) for p in self.primary + self.robustness]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Evaluated:
+    """One model setting's scores on the primary and robustness prompts."""
+
+    setting: str
+    spec: ComparedSpec | None
+    scores: Scores
+    robustness: Scores
+
+
+@dataclass
+class Analyses:
+    """The arrays of the optional analyses; empty where an analysis did not run."""
+
+    causal: dict[str, dict[str, np.ndarray]]  # setting -> causal arrays
+    components: dict[str, np.ndarray]
+    representations: dict[str, dict[str, np.ndarray]]  # setting -> statistics
+    sensitivity: dict[str, dict[str, np.ndarray]]  # setting -> per-prompt correctness under plans
+    injection: dict[str, dict[str, np.ndarray]]  # method -> signal injection into its 2-bit setting
+    repairs: dict[str, dict[str, np.ndarray]]  # setting -> repair table
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of a run works with: where results go, the model, its weight bank, the
+    prompts and the configuration."""
+
+    run_dir: RunDir
+    loaded: LoadedModel
+    bank: WeightBank
+    prompts: PromptSet
+    config: RunConfig
+
+    def stage_key(self, settings: str | list[str], *parts) -> str:
+        """A stage's cache key: the code versions, the model, the weight files of ``settings``
+        (with the calibration they depend on), the prompts and ``parts``."""
+        names = (
+            self.bank.path(settings).name if isinstance(settings, str) else [self.bank.path(s).name for s in settings]
+        )
+        return cache_key(self.loaded.fingerprint, names, self.prompts.digest, *parts)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run gives back: its report's path and ``results.json``'s content (verdicts included)."""
+
+    report: Path
+    results: dict
+
+    @property
+    def verdicts(self) -> list[dict]:
+        """Per compared setting (every one but the reference): its key, label and verdict."""
+        return [{"key": s["key"], "label": s["label"], "verdict": s["verdict"]} for s in self.results["settings"][1:]]
