@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from quantdiag.cli import app
-from quantdiag.config import RunConfig, check_writable
+from quantdiag.config import RunConfig
+from quantdiag.resolve import check_writable
 from quantdiag.errors import QuantdiagError
 
 
@@ -67,7 +68,7 @@ def test_a_file_that_is_not_gguf(tmp_path):
 
 def test_unwritable_output_dir(tmp_path, monkeypatch):
     """Root may write anywhere, so the permission check itself is made to say no."""
-    monkeypatch.setattr("quantdiag.config.os.access", lambda path, mode: False)
+    monkeypatch.setattr("quantdiag.resolve.os.access", lambda path, mode: False)
     out = tmp_path / "locked" / "run"
     _assert_user_error(_run(["--out", str(out)]), out, "not writable")
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property, partial
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, eora_key
 from quantdiag.report.html import write_report
+from quantdiag.resolve import causal_specs, repair_specs, resolve, sensitivity_specs
 from quantdiag.results import build_results
 from quantdiag.runs import RunDir, save_arrays
 from quantdiag.storage import cache_key, cache_root, sweep_leftovers
@@ -89,6 +90,7 @@ class RunContext:
     bank: WeightBank
     prompts: PromptSet
     config: RunConfig
+    specs: Sequence[ComparedSpec] = ()  # the compared settings, read once (``resolve``)
 
     def stage_key(self, settings: str | list[str], *parts) -> str:
         """A stage's cache key: the code versions, the model, the weight files of ``settings``
@@ -99,13 +101,13 @@ class RunContext:
 
 def run(config: RunConfig) -> Path:
     """Run the diagnosis described by ``config``; returns the report's path."""
-    config = config.resolved()
+    resolved = resolve(config)
+    config, specs = resolved.config, resolved.specs
     sweep_leftovers(cache_root())
     loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
-    prompts = build_prompts(loaded, config.facts(), config)
+    prompts = build_prompts(loaded, resolved.facts, config)
     facts = prompts.facts
-    specs = config.specs()
-    needs_calibration = any(spec.method == "gptq" for spec in specs) or bool(config.repair_specs())
+    needs_calibration = any(spec.method == "gptq" for spec in specs) or bool(repair_specs(config, specs))
     calibration = (
         load_calibration(loaded, config.calib, config.calib_samples, config.calib_length, config.seed)
         if needs_calibration
@@ -116,7 +118,7 @@ def run(config: RunConfig) -> Path:
         bank.ensure(spec)
     run_dir = RunDir(Path(config.out))
     run_dir.write_json("config.json", config.to_json())
-    context = RunContext(run_dir, loaded, bank, prompts, config)
+    context = RunContext(run_dir, loaded, bank, prompts, config, specs)
     reference = evaluate(context, None, np.ones(len(facts), dtype=bool))
     evaluated = [evaluate(context, spec, reference.scores.correct) for spec in specs]
     groups = method_subsets(reference, evaluated, config.subset_bits)
@@ -211,7 +213,7 @@ def causal_effects(context: RunContext, groups: dict[str, dict[str, np.ndarray]]
     def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
         return causal_arrays(context.loaded, context.bank, setting, subset_prompts, plan, config.batch_size)
 
-    specs = [spec for spec in config.causal_specs() if plan.sweeps(spec.key)]
+    specs = [spec for spec in causal_specs(config, context.specs) if plan.sweeps(spec.key)]
     return _subset_stages(context, chosen, specs, "causal", analysis, bool(plan.sweeps(REFERENCE)), (asdict(plan),))
 
 
@@ -219,7 +221,7 @@ def component_effects(context: RunContext, reference: Evaluated) -> dict[str, np
     """Component metrics (``components.component_arrays``) of every setting on the facts the
     reference recalls (the Robust and Failure subsets are among them), plus ``rows``: which."""
     rows = np.flatnonzero(reference.scores.correct)
-    settings = [spec.key for spec in context.config.specs()]
+    settings = [spec.key for spec in context.specs]
     prompts = [context.prompts.primary[i] for i in rows]
     compute = partial(component_arrays, context.loaded, context.bank, settings, prompts, context.config.batch_size)
     return context.run_dir.cached("components", context.stage_key(settings, rows.tolist()), compute) | {"rows": rows}
@@ -236,7 +238,7 @@ def representation_effects(context: RunContext, groups: dict[str, dict[str, np.n
             batch_size = context.config.batch_size
             return representation_arrays(context.loaded, context.bank, setting, subset_prompts, batch_size, folder)
 
-    return _subset_stages(context, chosen, context.config.specs(), "representations", analysis)
+    return _subset_stages(context, chosen, context.specs, "representations", analysis)
 
 
 def _subset_stages(
@@ -277,7 +279,7 @@ def sensitivity_effects(
     prompts (when the run has sensitivity maps). Each is a resumable stage."""
     loaded, bank, config, primary = context.loaded, context.bank, context.config, context.prompts.primary
     effects, injection = {}, {}
-    for spec in config.sensitivity_specs():
+    for spec in sensitivity_specs(config, context.specs):
         named = groups.get(spec.method)
         rows = np.sort(np.concatenate([named["robust"], named["failure"]])) if named else np.array([], dtype=int)
         if not len(rows):
@@ -286,7 +288,7 @@ def sensitivity_effects(
         arrays = context.run_dir.cached(f"sensitivity-{spec.key}", context.stage_key(spec.key, rows.tolist()), compute)
         effects[spec.key] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
     for method, named in groups.items():
-        by_bits = {spec.bits: spec.key for spec in config.specs() if spec.method == method}
+        by_bits = {spec.bits: spec.key for spec in context.specs if spec.method == method}
         if "sensitivity" not in config.analyses or 2 not in by_bits or not len(named["failure"]):
             continue
         highs = [REFERENCE] + [by_bits[bits] for bits in (8, 4) if bits in by_bits]
@@ -305,7 +307,7 @@ def repair_effects(
     run has one. Each setting is a resumable stage."""
     loaded, bank, config = context.loaded, context.bank, context.config
     options = config.repair_options()
-    specs = [spec for spec in config.repair_specs() if len(groups.get(spec.method, {}).get("failure", [])) >= 2]
+    specs = [spec for spec in repair_specs(config, context.specs) if len(groups.get(spec.method, {}).get("failure", [])) >= 2]
     protects = {spec.key: _protect(spec) for spec in specs}
     for spec in specs:
         if isinstance(spec, QuantSpec):

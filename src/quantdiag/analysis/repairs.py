@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,13 +19,13 @@ import torch
 from quantdiag.analysis.amplify import amplified_correct, best_alpha, dev_test_split
 from quantdiag.analysis.effects import as_json
 from quantdiag.analysis.sensitivity import correct_under
+from quantdiag.config import RepairOptions
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.plans import blocks_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Rule
 
-KURTOSIS_BUDGET = 4.1
 #: Repairs in the order of the table; "+" joins what is combined.
 REPAIRS = ("baseline", "eora", "early", "kurtosis", "early+amplify", "early+eora")
 REPAIR_NAMES = {
@@ -37,19 +36,6 @@ REPAIR_NAMES = {
     "early+amplify": "early protection + amplification",
     "early+eora": "early protection + EoRA",
 }
-
-
-@dataclass(frozen=True)
-class RepairOptions:
-    """``blocks``: m for early protection (``None``: from the domino test, else L / 16);
-    ``budget``: average bits of kurtosis protection; ``alphas``: amplification grid; ``rank``:
-    EoRA rank; ``seed``: the dev/test split."""
-
-    blocks: int | None
-    budget: float
-    alphas: tuple[float, ...]
-    rank: int
-    seed: int
 
 
 def protected_blocks(layers: int, half_damage_block: int | None, given: int | None) -> int:
