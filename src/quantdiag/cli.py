@@ -110,16 +110,22 @@ def _show_report(call: Callable[[], Path], out: Path) -> None:
 
 RUN = Options(name for name in DECLARED if name != "compare")
 DIAGNOSE = Options(
-    ("compare", "model", "facts_per_relation", "facts_file", "relations", "calib", "calib_samples", "calib_length", "out",
-     "device", "dtype", "preset", "batch_size", "seed", "trust_remote_code", "analyses", "force"),
+    (
+        *("compare", "model", "facts_per_relation", "facts_file", "relations", "calib", "calib_samples"),
+        *("calib_length", "out", "device", "dtype", "preset", "batch_size", "seed", "trust_remote_code", "analyses"),
+        "force",
+    ),
     renamed={"model": "reference"},
     defaults={"out": "runs/diagnose"},
 )
 PATCH = Options(
-    ("analyses", "patch_prompts", "causal_bits", "streams", "window"), keep=True, defaults={"analyses": ",".join(CAUSAL_ANALYSES)}
+    ("analyses", "patch_prompts", "causal_bits", "streams", "window"),
+    keep=True,
+    defaults={"analyses": ",".join(CAUSAL_ANALYSES)},
 )
 SENSITIVITY = Options(("sensitivity_bits",), keep=True)
 REPAIR = Options(("repair_bits", "protect_blocks", "kurtosis_budget", "alphas", "eora_rank"), keep=True)
+JSON_HELP = "print the verdicts as JSON on stdout (progress stays on stderr)"
 RunDir = Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")]
 
 
@@ -140,7 +146,7 @@ def run(**values: Any) -> None:
 @app.command()
 @DIAGNOSE
 def diagnose(
-    as_json: Annotated[bool, typer.Option("--json", help="print the verdicts as JSON on stdout (progress stays on stderr)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     **values: Any,
 ) -> None:
     """Judge checkpoints against a reference: Healthy, Signal Degradation, Computation Collapse

@@ -41,7 +41,10 @@ PRESETS: dict[str, dict] = {
 RUN_FILES = ("config.json", "results.json", "arrays.npz", "report.html")
 RUN_FOLDERS = ("figures", "stages")
 #: Options that must be positive when given.
-POSITIVE = ("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size", "patch_prompts", "window", "protect_blocks", "eora_rank")
+POSITIVE = (
+    *("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size", "patch_prompts"),
+    *("window", "protect_blocks", "eora_rank"),
+)
 
 
 def option(default: Any, help: str, name: str | None = None) -> Any:
@@ -90,7 +93,9 @@ class RunConfig:
         None, f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"
     )
     patch_prompts: int | None = option(None, "prompts per subset for the causal analyses (default: from the preset)")
-    causal_bits: tuple[int, ...] | None = option(None, "bit widths that get the causal analyses (default: all of --bits)")
+    causal_bits: tuple[int, ...] | None = option(
+        None, "bit widths that get the causal analyses (default: all of --bits)"
+    )
     sensitivity_bits: tuple[int, ...] | None = option(
         None, "bit widths that get the sensitivity maps (default: all of --bits)"
     )

@@ -102,7 +102,8 @@ def _parse(field: str, value: Any) -> dict[str, Any]:
     """The RunConfig fields one option's ``value`` sets."""
     what = f"--{cli_name(field).replace('_', '-')}"
     if field == "facts_per_relation":
-        return {"facts_per_relation": None if value in (None, "all") else _count(value, what), "all_facts": value == "all"}
+        count = None if value in (None, "all") else _count(value, what)
+        return {"facts_per_relation": count, "all_facts": value == "all"}
     if field == "sym":
         return {"sym": not value}
     if field == "compare":
