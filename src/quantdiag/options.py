@@ -29,8 +29,8 @@ def cli_name(field: str, renamed: dict[str, str] | None = None) -> str:
 
 class Options:
     """One command's share of the declared options: as typer parameters of the command (set on
-    its ``__signature__``), and the values given back as RunConfig fields (``fields``).
-    ``keep``: every option defaults to ``None``, to keep a finished run's value."""
+    its ``__signature__``), and the values given back as RunConfig fields (``config_fields``).
+    ``keep``: options default to ``None`` (unless in ``defaults``), to keep a finished run's value."""
 
     def __init__(
         self,
