@@ -247,7 +247,7 @@ def _fault(kind: str, out: Path, monkeypatch) -> None:
     """``no-access``: the permission check says no (root may write anywhere); ``disk-full`` and
     ``quota``: every write of text under ``out`` fails as write() does, naming no file."""
     if kind == "no-access":
-        monkeypatch.setattr("quantdiag.config.os.access", lambda path, mode: False)
+        monkeypatch.setattr("quantdiag.resolve.os.access", lambda path, mode: False)
         return
     code = errno.ENOSPC if kind == "disk-full" else errno.EDQUOT
     write_text = Path.write_text

@@ -2,13 +2,20 @@
 
 import json
 import re
+import subprocess
+import sys
+from dataclasses import fields
 
 import pytest
 from typer.testing import CliRunner
 
+from quantdiag import pipeline
+from quantdiag.analysis.patching import KIND_SITES
 from quantdiag.cli import app
-from quantdiag.config import RunConfig, check_writable
+from quantdiag.config import KINDS, RunConfig
+from quantdiag.data.facts import load_pararel
 from quantdiag.errors import QuantdiagError
+from quantdiag.resolve import check_writable
 
 
 def _run(args: list[str]):
@@ -67,7 +74,7 @@ def test_a_file_that_is_not_gguf(tmp_path):
 
 def test_unwritable_output_dir(tmp_path, monkeypatch):
     """Root may write anywhere, so the permission check itself is made to say no."""
-    monkeypatch.setattr("quantdiag.config.os.access", lambda path, mode: False)
+    monkeypatch.setattr("quantdiag.resolve.os.access", lambda path, mode: False)
     out = tmp_path / "locked" / "run"
     _assert_user_error(_run(["--out", str(out)]), out, "not writable")
 
@@ -150,3 +157,128 @@ def test_a_real_run_folder_is_accepted_again_and_force_writes_beside_a_strangers
     forced = _run([*args, "--force"])
     assert forced.exit_code == 0, forced.output
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").is_file()
+
+
+def _captured(monkeypatch, target: str, args: list[str]) -> tuple:
+    """The arguments ``quantdiag ARGS`` hands to the library call ``target`` (stopped there)."""
+    calls = []
+
+    def stop(*given, **keywords):
+        calls.append((given, keywords))
+        raise QuantdiagError("stopped")
+
+    monkeypatch.setattr(target, stop)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "stopped" in result.stderr, result.output
+    (call,) = calls
+    return call
+
+
+def test_run_without_options_is_the_default_run_config(monkeypatch):
+    """The command line's defaults are RunConfig's, field for field."""
+    (config,), _ = _captured(monkeypatch, "quantdiag.pipeline.run", ["run"])
+    assert config == RunConfig()
+
+
+def test_diagnose_without_options_is_the_default_run_config_of_its_checkpoints(monkeypatch):
+    (config,), _ = _captured(monkeypatch, "quantdiag.diagnose.run", ["diagnose", "--compare", "a", "--compare", "b"])
+    assert config == RunConfig(out="runs/diagnose", methods=(), bits=(), compare=("a", "b"))
+
+
+def test_options_fill_their_fields(monkeypatch):
+    """Comma lists, 'all', 'none', the renamed options (--asym, --budget, --rank) and flags."""
+    args = ["run", "--bits", "4, 2", "--alphas", "1,2.5", "--facts", "all", "--analyses", "none", "--asym"]
+    args += ["--budget", "3", "--rank", "8", "--relations", "P19,P17", "--streams", "mlp", "--trust-remote-code"]
+    (config,), _ = _captured(monkeypatch, "quantdiag.pipeline.run", args)
+    expected = RunConfig(
+        bits=(4, 2), alphas=(1.0, 2.5), all_facts=True, analyses=(), sym=False, kurtosis_budget=3.0, eora_rank=8,
+        relations=("P19", "P17"), streams=("mlp",), trust_remote_code=True,
+    )
+    assert config == expected
+    (config,), _ = _captured(monkeypatch, "quantdiag.pipeline.run", ["run", "--facts", "7"])
+    assert (config.facts_per_relation, config.all_facts) == (7, False)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["patch"], {"analyses": ("patching", "ablation"), "patch_prompts": None, "causal_bits": None, "streams": None, "window": None}),
+        (["patch", "--analyses", "ablation", "--streams", "attn,mlp", "--window", "3"],
+         {"analyses": ("ablation",), "patch_prompts": None, "causal_bits": None, "streams": ("attn", "mlp"), "window": 3}),
+        (["sensitivity", "--sensitivity-bits", "2"], {"analyses": ("sensitivity",), "sensitivity_bits": (2,)}),
+        (["repair", "--budget", "3.5", "--alphas", "1,2", "--rank", "4"],
+         {"analyses": ("repairs",), "repair_bits": None, "protect_blocks": None, "kurtosis_budget": 3.5, "alphas": (1.0, 2.0),
+          "eora_rank": 4}),
+    ],
+    ids=["patch-defaults", "patch", "sensitivity", "repair"],
+)
+def test_reruns_change_only_what_is_given(monkeypatch, tmp_path, args, expected):
+    """``None``: keep the run's value."""
+    given, keywords = _captured(monkeypatch, "quantdiag.pipeline.rerun", [args[0], str(tmp_path), *args[1:]])
+    assert given == (tmp_path,) and keywords == expected
+
+
+def _help(command: str) -> str:
+    """``quantdiag COMMAND --help`` as one line: rich's box and wrapping removed."""
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+OFFERED = {
+    "diagnose": ["compare", "reference", "facts", "facts_file", "relations", "calib", "calib_samples", "calib_length",
+                 "out", "device", "dtype", "preset", "batch_size", "seed", "trust_remote_code", "analyses", "force"],
+    "patch": ["analyses", "patch_prompts", "causal_bits", "streams", "window"],
+    "sensitivity": ["sensitivity_bits"],
+    "repair": ["repair_bits", "protect_blocks", "budget", "alphas", "rank"],
+}
+
+
+def test_run_help_lists_every_declared_option_with_its_help():
+    """Every RunConfig field with a help text is an option of ``run`` (but --compare, diagnose's)."""
+    declared = [f for f in fields(RunConfig) if "help" in f.metadata and f.name != "compare"]
+    shown = _help("run")
+    for field in declared:
+        flag = _flag(field.metadata["name"] or field.name)
+        assert f"{flag} " in shown and field.metadata["help"] in shown, flag
+    assert len(set(re.findall(r"(--[a-z-]+) <", shown))) == len(declared) + 1  # and --help
+
+
+@pytest.mark.parametrize("command", list(OFFERED))
+def test_help_lists_every_option_of_the_command(command):
+    shown = _help(command)
+    assert sorted(set(re.findall(r"(--[a-z-]+) <", shown))) == sorted(
+        [*map(_flag, OFFERED[command]), "--help", *(["--json"] if command == "diagnose" else [])]
+    )
+
+
+def test_the_streams_are_those_patching_writes():
+    assert KINDS == tuple(KIND_SITES)
+
+
+def test_the_command_line_and_the_config_load_no_torch():
+    """``quantdiag --help`` stays fast: neither the command line nor the config imports torch."""
+    code = "import sys, quantdiag.cli, quantdiag.config; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_a_run_reads_its_facts_once(monkeypatch, tmp_path):
+    """The facts the resolving step loaded are the ones the prompts are built from."""
+    reads, built = [], []
+    monkeypatch.setattr("quantdiag.resolve.load_pararel", lambda *given: reads.append(given) or load_pararel(*given))
+    monkeypatch.setattr("quantdiag.pipeline.load_reference", lambda *given: None)
+
+    def build_prompts(loaded, facts, config):
+        built.append(facts)
+        raise QuantdiagError("stopped")
+
+    monkeypatch.setattr("quantdiag.pipeline.build_prompts", build_prompts)
+    with pytest.raises(QuantdiagError, match="stopped"):
+        pipeline.run(RunConfig(methods=("rtn",), relations=("P19",), facts_per_relation=3, out=str(tmp_path / "run")))
+    assert reads == [(["P19"], 3, 0)]
+    assert [fact.relation for fact in built[0]] == ["P19"] * 3

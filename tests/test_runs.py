@@ -19,6 +19,7 @@ from quantdiag.pipeline import _repair_reads
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.spec import REFERENCE, QuantSpec
+from quantdiag.resolve import resolve
 from quantdiag.runs import RunDir
 from quantdiag.state import PromptSet, RunContext
 from quantdiag.storage import atomic_dir, atomic_file, check_manifest, write_json
@@ -222,8 +223,8 @@ def test_config_paths_are_absolute(tmp_path, monkeypatch):
     (tmp_path / "calib.txt").write_text("text")
     (tmp_path / "model").mkdir()
     given = RunConfig(out="runs/x", model="model", facts_file="facts.jsonl", calib="calib.txt", methods=("rtn",))
-    config = given.resolved()
+    config = resolve(given).config
     assert (config.out, config.model, config.facts_file, config.calib) == tuple(
         os.path.join(str(tmp_path), name) for name in ("runs/x", "model", "facts.jsonl", "calib.txt")
     )
-    assert RunConfig(model="smollm2", methods=("rtn",), out="o").resolved().model == "smollm2"
+    assert resolve(RunConfig(model="smollm2", methods=("rtn",), out="o")).config.model == "smollm2"

@@ -13,7 +13,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer._click.exceptions import (
@@ -21,26 +21,13 @@ from typer._click.exceptions import (
 )
 from typer.core import TyperGroup
 
-from quantdiag.analysis.amplify import DEFAULT_ALPHAS
-from quantdiag.analysis.causal import CAUSAL_ANALYSES, KINDS
-from quantdiag.analysis.repairs import KURTOSIS_BUDGET
-from quantdiag.config import ANALYSES, PRESETS, RUN_FOLDERS, RunConfig
+from quantdiag.config import CAUSAL_ANALYSES, RUN_FOLDERS, RunConfig
 from quantdiag.errors import QuantdiagError
-from quantdiag.quant.eora import DEFAULT_RANK
-from quantdiag.state import RunResult
+from quantdiag.options import DECLARED, Options
 
-ANALYSES_HELP = f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"
-PROMPTS_HELP = "prompts per subset for the causal analyses (default: from the preset)"
-BITS_HELP = "bit widths that get the causal analyses (default: all of --bits)"
-STREAMS_HELP = f"what patching and ablation write, comma-separated: {', '.join(KINDS)} (residual, MLP output, attention output)"
-REPAIR_BITS_HELP = "bit widths that get the repair table (default: all of --bits)"
-PROTECT_HELP = "blocks kept at 8-bit by early protection (default: from the domino test, else layers / 16)"
-BUDGET_HELP = "average bits allowed by kurtosis protection"
-ALPHAS_HELP = "amplification strengths to choose from on the dev split, comma-separated"
-RANK_HELP = "rank of the EoRA compensation"
-SENSITIVITY_BITS_HELP = "bit widths that get the sensitivity maps (default: all of --bits)"
-WINDOW_HELP = "layers patched together for MLP and attention outputs (ROME's window)"
-FORCE_HELP = "write into --out even if it holds files that are not a quantdiag run's"
+if TYPE_CHECKING:  # the state module imports torch: --help must not
+    from quantdiag.state import RunResult
+
 #: Errors of the machine, not of quantdiag: a full disk or quota, a folder one may not write.
 ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 T = TypeVar("T")
@@ -65,29 +52,6 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """quantdiag: Signal Degradation or Computation Collapse?"""
-
-
-def _numbers(text: str, what: str, kind: Callable[[str], T]) -> tuple[T, ...]:
-    """Comma-separated ``kind`` values (int or float)."""
-    try:
-        return tuple(kind(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise QuantdiagError(f"{what} must be comma-separated {'integers' if kind is int else 'numbers'}, not '{text}'") from None
-
-
-def _count(text: str, what: str) -> int:
-    if not text.isdigit():
-        raise QuantdiagError(f"{what} must be a positive number or 'all', not '{text}'")
-    return int(text)
-
-
-def _names(text: str | None) -> tuple[str, ...] | None:
-    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _analyses(text: str | None) -> tuple[str, ...] | None:
-    """``--analyses``: names, or 'none' for recall and lens only."""
-    return () if text == "none" else _names(text)
 
 
 def _guard(call: Callable[[], T], out: Path) -> T:
@@ -147,133 +111,46 @@ def _show_report(call: Callable[[], RunResult], out: Path) -> None:
     print(f"report: {_guard(call, out).report.resolve()}")
 
 
-def _bits(text: str | None, option: str) -> tuple[int, ...] | None:
-    return None if text is None else _numbers(text, option, int)
-
-
-Model = Annotated[str, typer.Option(help="HF repo id or folder, a .gguf file, or 'smollm2' (built in)")]
-Facts = Annotated[str | None, typer.Option(help="facts per relation, or 'all' (default: from the preset)")]
-FactsFile = Annotated[str | None, typer.Option(help="JSONL of your own facts: subject, object, template")]
-Relations = Annotated[str | None, typer.Option(help="ParaRel relation ids, comma-separated (default: all 39)")]
-Calib = Annotated[str | None, typer.Option(help="calibration text or JSONL file (default: model-generated)")]
-CalibSamples = Annotated[int, typer.Option(help="calibration sequences")]
-CalibLength = Annotated[int, typer.Option(help="tokens per calibration sequence")]
-Out = Annotated[str, typer.Option(help="run directory")]
-Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
-Dtype = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
-Preset = Annotated[str, typer.Option(help=f"sizes: {', '.join(PRESETS)}")]
-BatchSize = Annotated[int, typer.Option(help="prompts per forward pass")]
-Seed = Annotated[int, typer.Option(help="seed of fact sampling and calibration text")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own code")]
-Analyses = Annotated[str | None, typer.Option(help=ANALYSES_HELP)]
-Force = Annotated[bool, typer.Option("--force", help=FORCE_HELP)]
-
-
-def _shared(facts: str | None, facts_file: str | None, relations: str | None, analyses: str | None) -> dict:
-    """RunConfig fields from the options ``run`` and ``diagnose`` share that need parsing."""
-    all_facts = facts == "all"
-    return {
-        "facts_per_relation": None if facts is None or all_facts else _count(facts, "--facts"),
-        "all_facts": all_facts,
-        "facts_file": facts_file,
-        "relations": _names(relations),
-        "analyses": _analyses(analyses),
-    }
+RUN = Options(name for name in DECLARED if name != "compare")
+DIAGNOSE = Options(
+    (
+        *("compare", "model", "facts_per_relation", "facts_file", "relations", "calib", "calib_samples"),
+        *("calib_length", "out", "device", "dtype", "preset", "batch_size", "seed", "trust_remote_code", "analyses"),
+        "force",
+    ),
+    renamed={"model": "reference"},
+    defaults={"out": "runs/diagnose"},
+)
+PATCH = Options(
+    ("analyses", "patch_prompts", "causal_bits", "streams", "window"),
+    keep=True,
+    defaults={"analyses": ",".join(CAUSAL_ANALYSES)},
+)
+SENSITIVITY = Options(("sensitivity_bits",), keep=True)
+REPAIR = Options(("repair_bits", "protect_blocks", "kurtosis_budget", "alphas", "eora_rank"), keep=True)
+JSON_HELP = "print the verdicts as JSON on stdout (progress stays on stderr)"
+RunDir = Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")]
 
 
 @app.command()
-def run(
-    model: Model = "smollm2",
-    methods: Annotated[str, typer.Option(help="quantization methods, comma-separated: rtn, gptq")] = "rtn,gptq",
-    bits: Annotated[str, typer.Option(help="weight bit widths, comma-separated, each 2..8")] = "8,4,3,2",
-    group_size: Annotated[int, typer.Option(help="quantization group size (falls back where it does not divide)")] = 128,
-    asym: Annotated[bool, typer.Option("--asym", help="asymmetric quantization (zero point per group)")] = False,
-    facts: Facts = None,
-    facts_file: FactsFile = None,
-    relations: Relations = None,
-    calib: Calib = None,
-    calib_samples: CalibSamples = 16,
-    calib_length: CalibLength = 256,
-    out: Out = "runs/latest",
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    preset: Preset = "full",
-    batch_size: BatchSize = 64,
-    seed: Seed = 0,
-    trust_remote_code: TrustRemoteCode = False,
-    analyses: Analyses = None,
-    patch_prompts: Annotated[int | None, typer.Option(help=PROMPTS_HELP)] = None,
-    causal_bits: Annotated[str | None, typer.Option(help=BITS_HELP)] = None,
-    sensitivity_bits: Annotated[str | None, typer.Option(help=SENSITIVITY_BITS_HELP)] = None,
-    repair_bits: Annotated[str | None, typer.Option(help=REPAIR_BITS_HELP)] = None,
-    protect_blocks: Annotated[int | None, typer.Option(help=PROTECT_HELP)] = None,
-    budget: Annotated[float, typer.Option(help=BUDGET_HELP)] = KURTOSIS_BUDGET,
-    alphas: Annotated[str, typer.Option(help=ALPHAS_HELP)] = ",".join(map(str, DEFAULT_ALPHAS)),
-    rank: Annotated[int, typer.Option(help=RANK_HELP)] = DEFAULT_RANK,
-    streams: Annotated[str, typer.Option(help=STREAMS_HELP)] = ",".join(KINDS),
-    window: Annotated[int, typer.Option(help=WINDOW_HELP)] = 1,
-    force: Force = False,
-) -> None:
+@RUN
+def run(**values: Any) -> None:
     """Quantize a model, measure its factual recall, logit lens, causal effects, components,
     representations and sensitivity, try the repairs, judge each setting, and write a report."""
 
     def call():
         from quantdiag.pipeline import run as run_pipeline
 
-        config = RunConfig(
-            out=out,
-            model=model,
-            methods=_names(methods) or (),
-            bits=_numbers(bits, "--bits", int),
-            group_size=group_size,
-            sym=not asym,
-            preset=preset,
-            calib=calib,
-            calib_samples=calib_samples,
-            calib_length=calib_length,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-            patch_prompts=patch_prompts,
-            causal_bits=_bits(causal_bits, "--causal-bits"),
-            sensitivity_bits=_bits(sensitivity_bits, "--sensitivity-bits"),
-            repair_bits=_bits(repair_bits, "--repair-bits"),
-            protect_blocks=protect_blocks,
-            kurtosis_budget=budget,
-            alphas=_numbers(alphas, "--alphas", float),
-            eora_rank=rank,
-            streams=_names(streams) or (),
-            window=window,
-            force=force,
-            **_shared(facts, facts_file, relations, analyses),
-        )
-        return run_pipeline(config)
+        return run_pipeline(RunConfig(**RUN.config_fields(values)))
 
-    _show_report(call, Path(out))
+    _show_report(call, Path(values["out"]))
 
 
 @app.command()
+@DIAGNOSE
 def diagnose(
-    compare: Annotated[list[str], typer.Option(help="a checkpoint to judge: GPTQ or AWQ folder, .gguf file or float folder (repeat for more)")],
-    reference: Model = "smollm2",
-    facts: Facts = None,
-    facts_file: FactsFile = None,
-    relations: Relations = None,
-    calib: Calib = None,
-    calib_samples: CalibSamples = 16,
-    calib_length: CalibLength = 256,
-    out: Out = "runs/diagnose",
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    preset: Preset = "full",
-    batch_size: BatchSize = 64,
-    seed: Seed = 0,
-    trust_remote_code: TrustRemoteCode = False,
-    analyses: Analyses = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the verdicts as JSON on stdout (progress stays on stderr)")] = False,
-    force: Force = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    **values: Any,
 ) -> None:
     """Judge checkpoints against a reference: Healthy, Signal Degradation, Computation Collapse
     or Inconclusive, with the evidence and a report. Exit code (the worst verdict): 0 healthy,
@@ -282,30 +159,13 @@ def diagnose(
     def call():
         from quantdiag.diagnose import diagnose as diagnose_models
 
-        config = RunConfig(
-            out=out,
-            model=reference,
-            methods=(),
-            bits=(),
-            compare=tuple(compare),
-            preset=preset,
-            calib=calib,
-            calib_samples=calib_samples,
-            calib_length=calib_length,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-            force=force,
-            **_shared(facts, facts_file, relations, analyses),
-        )
+        config = RunConfig(methods=(), bits=(), **DIAGNOSE.config_fields(values))
         if not as_json:
             return diagnose_models(config)
         with contextlib.redirect_stdout(sys.stderr):
             return diagnose_models(config)
 
-    diagnosis = _guard(call, Path(out))
+    diagnosis = _guard(call, Path(values["out"]))
     if as_json:
         print(json.dumps(diagnosis.to_json(), indent=2))
     else:
@@ -318,71 +178,36 @@ def diagnose(
 
 
 @app.command()
-def patch(
-    run_dir: Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")],
-    analyses: Annotated[str, typer.Option(help=ANALYSES_HELP)] = ",".join(CAUSAL_ANALYSES),
-    patch_prompts: Annotated[int | None, typer.Option(help=PROMPTS_HELP)] = None,
-    causal_bits: Annotated[str | None, typer.Option(help=BITS_HELP)] = None,
-    streams: Annotated[str | None, typer.Option(help=STREAMS_HELP)] = None,
-    window: Annotated[int | None, typer.Option(help=WINDOW_HELP)] = None,
-) -> None:
+@PATCH
+def patch(run_dir: RunDir, **values: Any) -> None:
     """Add analyses (default: cross-model patching and zero ablation) to a finished run's own,
     reusing its results."""
-
-    def call():
-        from quantdiag.pipeline import rerun
-
-        return rerun(
-            Path(run_dir),
-            analyses=_analyses(analyses) or (),
-            patch_prompts=patch_prompts,
-            causal_bits=_bits(causal_bits, "--causal-bits"),
-            streams=_names(streams),
-            window=window,
-        )
-
-    _show_report(call, Path(run_dir))
+    _rerun(run_dir, PATCH, values)
 
 
 @app.command()
-def sensitivity(
-    run_dir: Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")],
-    sensitivity_bits: Annotated[str | None, typer.Option(help=SENSITIVITY_BITS_HELP)] = None,
-) -> None:
+@SENSITIVITY
+def sensitivity(run_dir: RunDir, **values: Any) -> None:
     """Add the sensitivity maps (domino, single blocks, components, signal injection) to a
     finished run, reusing its results."""
-
-    def call():
-        from quantdiag.pipeline import rerun
-
-        return rerun(Path(run_dir), analyses=("sensitivity",), sensitivity_bits=_bits(sensitivity_bits, "--sensitivity-bits"))
-
-    _show_report(call, Path(run_dir))
+    _rerun(run_dir, SENSITIVITY, values, ("sensitivity",))
 
 
 @app.command()
-def repair(
-    run_dir: Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")],
-    repair_bits: Annotated[str | None, typer.Option(help=REPAIR_BITS_HELP)] = None,
-    protect_blocks: Annotated[int | None, typer.Option(help=PROTECT_HELP)] = None,
-    budget: Annotated[float | None, typer.Option(help=BUDGET_HELP)] = None,
-    alphas: Annotated[str | None, typer.Option(help=ALPHAS_HELP)] = None,
-    rank: Annotated[int | None, typer.Option(help=RANK_HELP)] = None,
-) -> None:
+@REPAIR
+def repair(run_dir: RunDir, **values: Any) -> None:
     """Add the repair table (early and kurtosis protection, peak-signal amplification, EoRA) to
     a finished run, reusing its results."""
+    _rerun(run_dir, REPAIR, values, ("repairs",))
+
+
+def _rerun(run_dir: str, options: Options, values: dict[str, Any], analyses: tuple[str, ...] = ()) -> None:
+    """Run again on ``run_dir`` adding ``analyses`` (and those of ``--analyses``) with the options given."""
 
     def call():
         from quantdiag.pipeline import rerun
 
-        return rerun(
-            Path(run_dir),
-            analyses=("repairs",),
-            repair_bits=_bits(repair_bits, "--repair-bits"),
-            protect_blocks=protect_blocks,
-            kurtosis_budget=budget,
-            alphas=None if alphas is None else _numbers(alphas, "--alphas", float),
-            eora_rank=rank,
-        )
+        changes = options.config_fields(values)
+        return rerun(Path(run_dir), analyses=(*analyses, *(changes.pop("analyses", None) or ())), **changes)
 
     _show_report(call, Path(run_dir))

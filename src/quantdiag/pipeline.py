@@ -29,6 +29,7 @@ from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, eora_key
 from quantdiag.report.html import write_report
+from quantdiag.resolve import causal_specs, repair_specs, resolve, sensitivity_specs
 from quantdiag.results import build_results
 from quantdiag.runs import RunDir, save_arrays
 from quantdiag.state import Analyses, Evaluated, PromptSet, RunContext, RunResult
@@ -37,13 +38,13 @@ from quantdiag.storage import cache_root, sweep_leftovers
 
 def run(config: RunConfig) -> RunResult:
     """Run the diagnosis described by ``config``; returns the report's path and the results."""
-    config = config.resolved()
+    resolved = resolve(config)
+    config, specs = resolved.config, resolved.specs
     sweep_leftovers(cache_root())
     loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
-    prompts = build_prompts(loaded, config.facts(), config)
+    prompts = build_prompts(loaded, resolved.facts, config)
     facts = prompts.facts
-    specs = config.specs()
-    needs_calibration = any(spec.method == "gptq" for spec in specs) or bool(config.repair_specs())
+    needs_calibration = any(spec.method == "gptq" for spec in specs) or bool(repair_specs(config, specs))
     calibration = (
         load_calibration(loaded, config.calib, config.calib_samples, config.calib_length, config.seed)
         if needs_calibration
@@ -54,7 +55,7 @@ def run(config: RunConfig) -> RunResult:
         bank.ensure(spec)
     run_dir = RunDir(Path(config.out))
     run_dir.write_json("config.json", config.to_json())
-    context = RunContext(run_dir, loaded, bank, prompts, config)
+    context = RunContext(run_dir, loaded, bank, prompts, config, specs)
     reference = evaluate(context, None, np.ones(len(facts), dtype=bool))
     evaluated = [evaluate(context, spec, reference.scores.correct) for spec in specs]
     groups = method_subsets(reference, evaluated, config.subset_bits)
@@ -149,7 +150,7 @@ def causal_effects(context: RunContext, groups: dict[str, dict[str, np.ndarray]]
     def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
         return causal_arrays(context.loaded, context.bank, setting, subset_prompts, plan, config.batch_size)
 
-    specs = [spec for spec in config.causal_specs() if plan.sweeps(spec.key)]
+    specs = [spec for spec in causal_specs(config, context.specs) if plan.sweeps(spec.key)]
     return _subset_stages(context, chosen, specs, "causal", analysis, bool(plan.sweeps(REFERENCE)), (asdict(plan),))
 
 
@@ -157,7 +158,7 @@ def component_effects(context: RunContext, reference: Evaluated) -> dict[str, np
     """Component metrics (``components.component_arrays``) of every setting on the facts the
     reference recalls (the Robust and Failure subsets are among them), plus ``rows``: which."""
     rows = np.flatnonzero(reference.scores.correct)
-    settings = [spec.key for spec in context.config.specs()]
+    settings = [spec.key for spec in context.specs]
     prompts = [context.prompts.primary[i] for i in rows]
     compute = partial(component_arrays, context.loaded, context.bank, settings, prompts, context.config.batch_size)
     return context.run_dir.cached("components", context.stage_key(settings, rows.tolist()), compute) | {"rows": rows}
@@ -174,7 +175,7 @@ def representation_effects(context: RunContext, groups: dict[str, dict[str, np.n
             batch_size = context.config.batch_size
             return representation_arrays(context.loaded, context.bank, setting, subset_prompts, batch_size, folder)
 
-    return _subset_stages(context, chosen, context.config.specs(), "representations", analysis)
+    return _subset_stages(context, chosen, context.specs, "representations", analysis)
 
 
 def _subset_stages(
@@ -215,7 +216,7 @@ def sensitivity_effects(
     on its Failure prompts (when the run has sensitivity maps). Each is a resumable stage."""
     loaded, bank, config, primary = context.loaded, context.bank, context.config, context.prompts.primary
     effects, injection = {}, {}
-    for spec in config.sensitivity_specs():
+    for spec in sensitivity_specs(config, context.specs):
         named = groups.get(spec.method)
         rows = np.sort(np.concatenate([named["robust"], named["failure"]])) if named else np.array([], dtype=int)
         if not len(rows):
@@ -224,7 +225,7 @@ def sensitivity_effects(
         arrays = context.run_dir.cached(f"sensitivity-{spec.key}", context.stage_key(spec.key, rows.tolist()), compute)
         effects[spec.key] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
     for method, named in groups.items():
-        chosen = injection_settings(method, config.specs()) if "sensitivity" in config.analyses else None
+        chosen = injection_settings(method, context.specs) if "sensitivity" in config.analyses else None
         if chosen is None or not len(named["failure"]):
             continue
         low, highs = chosen
@@ -245,7 +246,7 @@ def repair_effects(
     setting is a resumable stage."""
     loaded, bank, config = context.loaded, context.bank, context.config
     options = config.repair_options()
-    specs = [spec for spec in config.repair_specs() if repairable(spec, groups)]
+    specs = [spec for spec in repair_specs(config, context.specs) if repairable(spec, groups)]
     protects = {spec.key: protect_setting(spec) for spec in specs}
     for protect in filter(None, map(protect_spec, specs)):
         bank.ensure(protect)

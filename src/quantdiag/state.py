@@ -4,6 +4,7 @@ arrays, the context every stage works with, and what ``run`` returns."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -67,13 +68,14 @@ class Analyses:
 @dataclass(frozen=True)
 class RunContext:
     """What every stage of a run works with: where results go, the model, its weight bank, the
-    prompts and the configuration."""
+    prompts, the configuration and the compared settings (read once, ``resolve``)."""
 
     run_dir: RunDir
     loaded: LoadedModel
     bank: WeightBank
     prompts: PromptSet
     config: RunConfig
+    specs: Sequence[ComparedSpec] = ()
 
     def stage_key(self, settings: str | list[str], *parts) -> str:
         """A stage's cache key: the code versions, the model, the weight files of ``settings``

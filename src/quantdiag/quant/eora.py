@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from quantdiag.model.arch import Adapter
 from quantdiag.model.stack import calibration_inputs, run_block_batches
 
-DEFAULT_RANK = 32
 #: Eigenvalues below this share of the largest are floored (directions the inputs never use).
 _FLOOR = 1e-7
 

@@ -7,9 +7,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from quantdiag.config import METHODS
 from quantdiag.errors import QuantdiagError
 
-METHODS = ("rtn", "gptq")
 REFERENCE = "reference"
 #: Nominal bits of a reference-precision linear in average-bits arithmetic.
 REFERENCE_BITS = 16
