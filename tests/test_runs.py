@@ -228,3 +228,16 @@ def test_config_paths_are_absolute(tmp_path, monkeypatch):
         os.path.join(str(tmp_path), name) for name in ("runs/x", "model", "facts.jsonl", "calib.txt")
     )
     assert resolve(RunConfig(model="smollm2", methods=("rtn",), out="o")).config.model == "smollm2"
+
+
+def test_an_entry_that_cannot_be_read_for_the_machine_s_reasons_is_kept(tmp_path):
+    """A permission or I/O error is not a damaged entry: it reaches the user and the entry stays."""
+    entry = tmp_path / "entry.npz"
+    entry.write_bytes(b"hours of work")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with pytest.raises(PermissionError):
+        storage.read_entry(entry, denied)
+    assert entry.read_bytes() == b"hours of work"

@@ -33,8 +33,10 @@ T = TypeVar("T")
 CACHE_SCHEMA = 1
 #: Libraries whose version can change cached numbers (conversion, quantization, forwards).
 NUMERIC_LIBRARIES = ("quantdiag", "torch", "transformers", "gptqmodel", "gguf", "numpy")
-#: What reading a truncated or garbled cache file raises (zip-based .npz / .pt, safetensors, JSON).
-UNREADABLE = (OSError, EOFError, ValueError, RuntimeError, KeyError)
+#: What reading a truncated or garbled cache file raises (zip-based .npz / .pt, safetensors, JSON):
+#: such an entry is rebuilt. Other OS errors (permissions, an I/O error, too many open files) are
+#: not the entry's fault and propagate, so a valid entry is never deleted for them.
+UNREADABLE = (FileNotFoundError, NotADirectoryError, IsADirectoryError, EOFError, ValueError, RuntimeError, KeyError)
 UNREADABLE += (zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, SafetensorError)
 _HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
 #: Temporary names carry their process: ``.{name}.{pid}@{host}.{token}.tmp``.
