@@ -4,6 +4,7 @@ killed runs are swept away."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -42,6 +43,8 @@ _HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
 #: Temporary names carry their process: ``.{name}.{pid}@{host}.{token}.tmp``.
 _TEMPORARY = re.compile(r"^\..*\.(?P<pid>\d+)@(?P<host>[\w-]+)\.[0-9a-f]+\.tmp$")
 _MANIFEST = "quantdiag-manifest.json"
+#: Free bytes under which a failed write is taken for a full disk.
+_NEARLY_FULL = 1 << 20
 
 
 def cache_root() -> Path:
@@ -152,8 +155,18 @@ def atomic_file(path: Path) -> Iterator[Path]:
     except OSError as error:
         error.filename = error.filename or str(path)  # a failed write() names no file: name the target
         raise
+    except (SafetensorError, RuntimeError) as error:
+        raise _os_error(error, path) or error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _os_error(error: Exception, path: Path) -> OSError | None:
+    """The OS error behind a writer's own exception (safetensors names it ``(os error N)``;
+    torch's zip writer names none, so a full disk is read off the disk), or ``None``."""
+    named = re.search(r"\(os error (\d+)\)", str(error))
+    code = int(named[1]) if named else errno.ENOSPC if shutil.disk_usage(path.parent).free < _NEARLY_FULL else None
+    return None if code is None else OSError(code, os.strerror(code), str(path))
 
 
 @contextmanager
