@@ -123,13 +123,25 @@ def test_out_may_be_a_run_folder_and_nothing_else_unless_forced(tmp_path):
         ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "config.json (not a quantdiag run's)"),
         ("{broken", "config.json (not a quantdiag run's)"),
         ({**RunConfig().to_json(), "extra": 1}, "config.json (not a quantdiag run's)"),
+        ({}, "config.json (not a quantdiag run's)"),
+        ({"seed": 1}, "config.json (not a quantdiag run's)"),
     ],
-    ids=["model-config", "not-json", "unknown-option"],
+    ids=["model-config", "not-json", "unknown-option", "empty", "one-field"],
 )
 def test_a_config_json_that_is_not_a_run_config_is_refused(tmp_path, config, shown):
+    """Without a run's config.json nothing in the folder is a run's: its run-named files neither."""
     out = _run_folder(tmp_path / "run")
     (out / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
-    with pytest.raises(QuantdiagError, match=re.escape(f"holds {shown}:")):
+    with pytest.raises(QuantdiagError, match=re.escape(f"holds arrays.npz, {shown}, figures/ and 3 more:")):
+        check_writable(out)
+
+
+def test_run_named_files_without_a_run_config_are_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / ".report.html.1@host.ab.tmp").write_text("")
+    with pytest.raises(QuantdiagError, match=re.escape("holds results.json:")):
         check_writable(out)
 
 

@@ -18,6 +18,8 @@ from quantdiag.quant.spec import QuantSpec
 
 #: A run file's temporary twin (``storage.atomic_file``), left behind if a run was killed mid-write.
 _RUN_TEMPORARY = re.compile(r"^\.(config\.json|results\.json|arrays\.npz|report\.html)\..+\.tmp$")
+#: Fields every saved run configuration holds (an empty ``{}`` would parse as a RunConfig too).
+_RUN_CONFIG_KEYS = {"out", "model", "methods", "bits", "preset"}
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,14 @@ def check_writable(out: Path, force: bool = False) -> None:
 
 
 def _foreign_entries(out: Path) -> list[str]:
-    """What in ``out`` a quantdiag run does not write, by name (folders with a slash)."""
-    return sorted(_describe(entry) for entry in out.iterdir() if not _is_run_entry(entry))
+    """What in ``out`` a quantdiag run does not write, by name (folders with a slash); without a
+    run's config.json, every entry but a killed write's temporary file is foreign."""
+    is_run = _is_run_config(out / "config.json")
+    return sorted(
+        _describe(entry)
+        for entry in out.iterdir()
+        if not (_is_run_entry(entry) if is_run else _RUN_TEMPORARY.match(entry.name))
+    )
 
 
 def _describe(entry: Path) -> str:
@@ -140,9 +148,10 @@ def _is_run_entry(entry: Path) -> bool:
 
 
 def _is_run_config(file: Path) -> bool:
-    """Whether ``file`` parses as a saved RunConfig."""
+    """Whether ``file`` is a saved RunConfig: it parses as one and names what every run saves."""
     try:
-        RunConfig.from_json(json.loads(file.read_text()))
-    except (ValueError, TypeError, AttributeError, QuantdiagError):
+        data = json.loads(file.read_text())
+        RunConfig.from_json(data)
+    except (OSError, ValueError, TypeError, AttributeError, QuantdiagError):
         return False
-    return True
+    return _RUN_CONFIG_KEYS <= data.keys()
