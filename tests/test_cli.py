@@ -294,3 +294,34 @@ def test_a_run_reads_its_facts_once(monkeypatch, tmp_path):
         pipeline.run(RunConfig(methods=("rtn",), relations=("P19",), facts_per_relation=3, out=str(tmp_path / "run")))
     assert reads == [(["P19"], 3, 0)]
     assert [fact.relation for fact in built[0]] == ["P19"] * 3
+
+
+def test_a_failed_run_removes_its_folder_and_only_the_empty_parents_made_for_it(tmp_path, monkeypatch):
+    """A neighbour written meanwhile into a parent made for ``--out`` stays."""
+    from quantdiag import cli
+
+    out, neighbour = tmp_path / "runs" / "mine", tmp_path / "runs" / "theirs"
+
+    def failing_run():
+        out.mkdir(parents=True)
+        neighbour.mkdir()
+        raise QuantdiagError("late")
+
+    with pytest.raises(cli.typer.Exit):
+        cli._guard(failing_run, out)
+    assert not out.exists() and neighbour.is_dir()
+
+
+def test_a_bug_leaves_the_run_folder_as_it_is(tmp_path):
+    """An error that is not the user's stays a traceback, and what the run wrote stays to look at."""
+    from quantdiag import cli
+
+    out = tmp_path / "run"
+
+    def buggy_run():
+        out.mkdir()
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):
+        cli._guard(buggy_run, out)
+    assert out.is_dir()

@@ -56,38 +56,52 @@ def main() -> None:
 
 def _guard(call: Callable[[], T], out: Path) -> T:
     """Turn user and environment errors into one line on stderr and exit code 2, leaving nothing
-    of this command's in ``out``."""
+    of this command's in ``out``; any other error stays a traceback and leaves ``out`` as it is."""
     try:
         with _removed_on_error(out):
             return call()
-    except QuantdiagError as error:
-        print(f"quantdiag: error: {error}", file=sys.stderr)
-    except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRORS:
+    except (QuantdiagError, OSError) as error:
+        if not _reported(error):
             raise
-        print(f"quantdiag: error: {error.filename or out}: {error.strerror}", file=sys.stderr)
+        message = error if isinstance(error, QuantdiagError) else f"{error.filename or out}: {error.strerror}"
+        print(f"quantdiag: error: {message}", file=sys.stderr)
     except KeyboardInterrupt:
         print("quantdiag: interrupted; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(130) from None
     raise typer.Exit(2)
 
 
+def _reported(error: Exception) -> bool:
+    """Whether ``error`` is the user's or the machine's (one line, exit 2), not quantdiag's bug."""
+    return isinstance(error, QuantdiagError) or isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRORS
+
+
 @contextlib.contextmanager
 def _removed_on_error(out: Path) -> Iterator[None]:
     """On a user or environment error, remove what was created under ``out`` meanwhile (``out``
-    itself, and the parents made for it, if it did not exist); what was there stays."""
+    itself if it did not exist, and the parents made for it while they are empty); what was
+    there stays."""
     top = _topmost_missing(out)
     before = set() if top else _run_entries(out)
     try:
         yield
-    except (QuantdiagError, OSError):
-        created = [top] if top else sorted(_run_entries(out) - before)
-        for path in created:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+    except (QuantdiagError, OSError) as error:
+        if _reported(error):
+            _remove_created(out, top, before)
         raise
+
+
+def _remove_created(out: Path, top: Path | None, before: set[Path]) -> None:
+    """Remove ``out`` (it was made from ``top`` down) or the entries it gained since ``before``."""
+    for path in [out] if top else sorted(_run_entries(out) - before):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    parent = out.absolute().parent
+    while top and parent.is_relative_to(top) and parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()  # made for ``out`` and still empty: no other run writes there
+        parent = parent.parent
 
 
 def _run_entries(out: Path) -> set[Path]:
