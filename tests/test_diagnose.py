@@ -217,3 +217,17 @@ def test_bad_checkpoint_paths_exit_2_with_one_line(reference, tmp_path, compare,
     args = ["diagnose", "--reference", str(reference / "reference"), "--compare", str(tmp_path / compare), "--out", str(tmp_path / "run")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and fragment in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_checkpoint_rewritten_with_the_same_size_and_time_is_another_version(tmp_path):
+    """``cp -p`` of another checkpoint keeps names, sizes and times: the version hashes contents."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    first = inspect_checkpoint.__wrapped__(str(folder)).version
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert inspect_checkpoint.__wrapped__(str(folder)).version != first

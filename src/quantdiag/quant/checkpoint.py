@@ -22,7 +22,7 @@ from quantdiag.errors import QuantdiagError
 from quantdiag.model.arch import check_supported
 from quantdiag.model.load import converted_gguf, folder_config, gguf_family, gguf_reader
 from quantdiag.quant.spec import REFERENCE_BITS, QuantSpec, checkpoint_key
-from quantdiag.storage import content_hash
+from quantdiag.storage import content_hash, file_digest
 
 #: Tensor name -> the open safetensors reader that holds it.
 Readers = dict[str, Any]
@@ -75,7 +75,7 @@ def inspect_checkpoint(source: str) -> CheckpointSpec:
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise QuantdiagError(f"checkpoint not found: {source}")
-    version = content_hash(*sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _files(path)), length=8)
+    version = content_hash(*sorted((p.name, file_digest(p)) for p in _files(path)), length=8)  # by content
     if path.is_file():
         if path.suffix != ".gguf":
             raise QuantdiagError(f"checkpoint {source} is a file but not .gguf: give a GGUF file or a Hugging Face folder")
