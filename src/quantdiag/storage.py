@@ -126,11 +126,11 @@ def entry_lock(path: Path) -> Iterator[None]:
     saying so when another process holds it."""
     locks = cache_root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(locks / f"{content_hash(os.path.realpath(path))}.lock")
+    lock = FileLock(locks / f"{content_hash(os.path.realpath(path))}.lock", mode=0o666)  # shared caches
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("waiting for another quantdiag process to finish %s", path)
+        log.warning("waiting for another quantdiag process to finish %s", path)
         lock.acquire()
     try:
         yield
@@ -229,8 +229,9 @@ def sweep_leftovers(root: Path) -> int:
         for name in [*files, *subfolders]:
             match = _TEMPORARY.match(name)
             if match and match["host"] == _HOST and not psutil.pid_exists(int(match["pid"])):
-                freed += _size(Path(folder) / name)
-                remove(Path(folder) / name)
+                with suppress(OSError):  # another user's, or swept by a run starting beside this one
+                    freed += _size(Path(folder) / name)
+                    remove(Path(folder) / name)
         subfolders[:] = [name for name in subfolders if not _TEMPORARY.match(name)]
     if freed:
         log.info("removed %.1f MB left behind by killed runs under %s", freed / 2**20, root)
