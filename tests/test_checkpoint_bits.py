@@ -1,6 +1,5 @@
-"""A GGUF checkpoint's bits are its measured bits per weight over its blocks' quantized 2-D
-tensors, against the block sizes of ggml's formats worked by hand (Q4_0: 32 weights in 18 bytes
-= 4.5)."""
+"""A GGUF checkpoint's bits are its measured bits per weight over its blocks' 2-D tensors,
+against the block sizes of ggml's formats worked by hand (Q4_0: 32 weights in 18 bytes = 4.5)."""
 
 from __future__ import annotations
 
@@ -51,8 +50,9 @@ def _write(path: Path, tensors: dict[str, tuple[int, int, Q]]) -> Path:
         ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "blk.0.attn_k.weight": (64, 64, Q.Q8_0)}, 6.5, "GGUF 6.50-bit"),
         # 4096 at 4.5, 8192 at 8.5: (4096 x 4.5 + 8192 x 8.5) / 12288 = 43 / 6
         ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "blk.0.ffn_up.weight": (128, 64, Q.Q8_0)}, 7.1667, "GGUF 7.17-bit"),
-        # a float matrix beside quantized ones is not part of the quantized weights
-        ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "blk.0.ffn_up.weight": (128, 64, Q.F16)}, 4.5, "GGUF 4.50-bit"),
+        # a float matrix in a block is one of the compared linears, at 16 bits:
+        # (4096 x 4.5 + 8192 x 16) / 12288 = 12.1667
+        ({"blk.0.attn_q.weight": (64, 64, Q.Q4_0), "blk.0.ffn_up.weight": (128, 64, Q.F16)}, 12.1667, "GGUF 12.17-bit"),
         # nor are the embeddings and head, quantized or not: only the blocks' linears are compared
         (
             {

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from typer.core import TyperGroup
 from quantdiag.config import CAUSAL_ANALYSES, RUN_FOLDERS, RunConfig
 from quantdiag.errors import QuantdiagError
 from quantdiag.options import DECLARED, Options
+from quantdiag.storage import remove
 
 if TYPE_CHECKING:  # the state module imports torch: --help must not
     from quantdiag.state import RunResult
@@ -94,10 +94,7 @@ def _removed_on_error(out: Path) -> Iterator[None]:
 def _remove_created(out: Path, top: Path | None, before: set[Path]) -> None:
     """Remove ``out`` (it was made from ``top`` down) or the entries it gained since ``before``."""
     for path in [out] if top else sorted(_run_entries(out) - before):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        remove(path)
     parent = out.absolute().parent
     while top and parent.is_relative_to(top) and parent.exists() and not any(parent.iterdir()):
         parent.rmdir()  # made for ``out`` and still empty: no other run writes there

@@ -27,6 +27,8 @@ import psutil
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
+from quantdiag.errors import first_line
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -115,7 +117,7 @@ def read_entry(path: Path, read: Callable[[Path], T]) -> T | None:
     try:
         return read(path)
     except UNREADABLE as error:
-        log.warning("cache entry %s is unreadable (%s): rebuilding it", path, _first_line(error))
+        log.warning("cache entry %s is unreadable (%s): rebuilding it", path, first_line(error))
         remove(path)
         return None
 
@@ -285,9 +287,6 @@ def _size(path: Path) -> int:
     return sum(file.stat().st_size for file in files if file.is_file())
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _jsonable(value: Any) -> Any:

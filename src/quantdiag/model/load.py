@@ -11,17 +11,16 @@ import hashlib
 import importlib.util
 import json
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quantdiag.config import DEFAULT_MODEL
-from quantdiag.errors import QuantdiagError
+from quantdiag.errors import QuantdiagError, first_line
 from quantdiag.model.arch import Adapter, check_supported
 from quantdiag.storage import cache_key, cache_root, check_manifest, content_hash, file_digest, load_or_build
 
@@ -30,8 +29,6 @@ _GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: GGUF ``general.architecture`` names that are not Hugging Face ``model_type`` names (as transformers maps them).
 _GGUF_FAMILIES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
-#: Bytes of a GGUF file's start read to find its architecture without parsing all of its metadata.
-_GGUF_HEAD = 1 << 16
 
 
 @dataclass
@@ -99,7 +96,7 @@ def load_reference(
             folder, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise QuantdiagError(f"cannot load model '{source}': {_first_line(exc)}") from exc
+        raise QuantdiagError(f"cannot load model '{source}': {first_line(exc)}") from exc
     model.eval().requires_grad_(False)
     adapter = Adapter(model)
     local = Path(folder) if Path(folder).is_dir() else None
@@ -149,8 +146,9 @@ def _hf_folder(source: str, trust_remote_code: bool) -> str:
     if source.endswith(".gguf") or path.is_file():
         if not path.is_file():
             raise QuantdiagError(f"model file not found: {source}")
-        check_supported(gguf_family(path), source)
-        return str(converted_gguf(path))
+        folder = converted_gguf(path)
+        _check_reference(folder_config(folder), source)
+        return str(folder)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise QuantdiagError(f"'{source}' is a folder without config.json: not a Hugging Face model")
@@ -161,7 +159,7 @@ def _hf_folder(source: str, trust_remote_code: bool) -> str:
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise QuantdiagError(f"cannot load model '{source}': {_first_line(exc)}") from exc
+        raise QuantdiagError(f"cannot load model '{source}': {first_line(exc)}") from exc
     _check_reference(config.to_dict(), source)
     return source
 
@@ -190,61 +188,41 @@ def folder_config(folder: Path) -> dict:
     return config
 
 
-def gguf_family(path: Path) -> str:
-    """The ``model_type`` of a GGUF file's ``general.architecture``, from the file's first bytes
-    when it is the first key (llama.cpp writes it first): parsing the whole metadata, tokenizer
-    included, takes seconds."""
-    with path.open("rb") as handle:
-        head = handle.read(_GGUF_HEAD)
-    if head[:4] != _GGUF_MAGIC:
-        raise QuantdiagError(f"'{path}' is not a GGUF file (bad magic bytes)")
-    name = _leading_architecture(head)
-    if name is None:
-        field = gguf_reader(path).get_field("general.architecture")
-        if field is None:
-            raise QuantdiagError(f"GGUF file '{path}' has no general.architecture")
-        name = str(field.contents())
+def gguf_family(path: Path, reader: GGUFReader) -> str:
+    """The Hugging Face ``model_type`` of a GGUF file's ``general.architecture``."""
+    field = reader.get_field("general.architecture")
+    if field is None:
+        raise QuantdiagError(f"GGUF file '{path}' has no general.architecture")
+    name = str(field.contents())
     return _GGUF_FAMILIES.get(name, name)
 
 
-def _leading_architecture(head: bytes) -> str | None:
-    """The value of the first key-value pair after the 24-byte header, if it is the string
-    ``general.architecture`` (little-endian GGUF), else None."""
-    try:
-        (length,) = struct.unpack_from("<Q", head, 24)
-        key, start = head[32 : 32 + length], 32 + length
-        kind, size = struct.unpack_from("<IQ", head, start)
-    except struct.error:
-        return None
-    value = head[start + 12 : start + 12 + size]
-    if key != b"general.architecture" or kind != GGUFValueType.STRING or len(value) != size:
-        return None
-    return value.decode(errors="replace")
-
-
 def gguf_reader(path: Path) -> GGUFReader:
-    """gguf's reader of ``path`` (metadata and memory-mapped tensors); a file it cannot parse is a user error."""
+    """gguf's reader of ``path`` (metadata and memory-mapped tensors; seconds for a large
+    vocabulary); a file that is not GGUF, or that gguf cannot parse, is a user error."""
+    with path.open("rb") as handle:
+        if handle.read(4) != _GGUF_MAGIC:
+            raise QuantdiagError(f"'{path}' is not a GGUF file (bad magic bytes)")
     try:
         return GGUFReader(str(path))
     except (ValueError, KeyError, IndexError) as exc:
-        raise QuantdiagError(f"cannot read GGUF file '{path}': {_first_line(exc)}") from exc
+        raise QuantdiagError(f"cannot read GGUF file '{path}': {first_line(exc)}") from exc
 
 
 def converted_gguf(path: Path) -> Path:
     """Dequantize a GGUF file into a cached safetensors folder, once per file content and code
-    versions; a folder whose files are missing or truncated is converted again."""
-    with path.open("rb") as handle:
-        if handle.read(4) != _GGUF_MAGIC:
-            raise QuantdiagError(f"'{path}' is not a GGUF file (bad magic bytes)")
+    versions; a folder whose files are missing or truncated is converted again. Its architecture
+    is checked before a conversion (minutes), from the file's metadata."""
     target = cache_root() / "models" / f"{path.stem}-{cache_key(file_digest(path))}"
 
     def build(tmp: Path) -> Path:
+        check_supported(gguf_family(path, gguf_reader(path)), str(path))
         logging.getLogger(__name__).info("converting %s to safetensors (once)", path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
-            raise QuantdiagError(f"cannot read GGUF file '{path}': {_first_line(exc)}") from exc
+            raise QuantdiagError(f"cannot read GGUF file '{path}': {first_line(exc)}") from exc
         config = gguf_model.config
         del config.quantization_config  # the weights are dequantized now: a plain float model
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -258,8 +236,3 @@ def converted_gguf(path: Path) -> Path:
 
 def _display_name(source: str) -> str:
     return "SmolLM2-135M-Instruct" if source == DEFAULT_MODEL else Path(source).name or source
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

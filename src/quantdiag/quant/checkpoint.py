@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGUFReader
 from safetensors import safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -29,7 +29,6 @@ Readers = dict[str, Any]
 #: Parts of each quantized linear in a GPTQ or AWQ checkpoint.
 _PACKED = ("qweight", "qzeros", "scales")
 #: GGUF tensor types that hold plain floats, not quantized weights.
-_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F64}
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,9 @@ def inspect_checkpoint(source: str) -> CheckpointSpec:
     if path.is_file():
         if path.suffix != ".gguf":
             raise QuantdiagError(f"checkpoint {source} is a file but not .gguf: give a GGUF file or a Hugging Face folder")
-        check_supported(gguf_family(path), source)
-        return CheckpointSpec(str(path), "gguf", _gguf_bits(path), path.stem, version)
+        reader = gguf_reader(path)
+        check_supported(gguf_family(path, reader), source)
+        return CheckpointSpec(str(path), "gguf", _gguf_bits(path, reader), path.stem, version)
     if not (path / "config.json").is_file():
         raise QuantdiagError(f"checkpoint folder {source} has no config.json: not a Hugging Face model")
     config = folder_config(path)
@@ -108,15 +108,14 @@ def _files(path: Path) -> Iterator[Path]:
     return iter([path]) if path.is_file() else (p for p in path.iterdir() if p.is_file())
 
 
-def _gguf_bits(path: Path) -> float:
-    """Measured bits per weight of the quantized 2-D tensors of the file's blocks (``blk.*``, the
-    linears quantdiag compares; not the embeddings or head), bytes x 8 / weights: Q4_0 4.5, Q8_0
-    8.5; of the blocks' float matrices when none is quantized (F16: 16)."""
-    matrices = [t for t in gguf_reader(path).tensors if len(t.shape) == 2 and t.name.startswith("blk.")]
-    quantized = [t for t in matrices if t.tensor_type not in _FLOAT_TYPES] or matrices
-    if not quantized:
+def _gguf_bits(path: Path, reader: GGUFReader) -> float:
+    """Measured bits per weight of the 2-D tensors of the file's blocks (``blk.*``: the linears
+    quantdiag compares, quantized or float; not the embeddings or head), bytes x 8 / weights:
+    Q4_0 4.5, Q8_0 8.5, F16 16."""
+    matrices = [t for t in reader.tensors if len(t.shape) == 2 and t.name.startswith("blk.")]
+    if not matrices:
         raise QuantdiagError(f"GGUF file '{path}' has no block weight matrices (blk.*)")
-    return round(8 * sum(int(t.n_bytes) for t in quantized) / sum(int(t.n_elements) for t in quantized), 4)
+    return round(8 * sum(int(t.n_bytes) for t in matrices) / sum(int(t.n_elements) for t in matrices), 4)
 
 
 def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
