@@ -14,7 +14,7 @@ from conftest import tiny_model
 from quantdiag import storage
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Prompt
-from quantdiag.model.load import weights_fingerprint
+from quantdiag.model.load import LoadedModel, weights_fingerprint
 from quantdiag.pipeline import _repair_reads
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
@@ -241,3 +241,11 @@ def test_an_entry_that_cannot_be_read_for_the_machine_s_reasons_is_kept(tmp_path
     with pytest.raises(PermissionError):
         storage.read_entry(entry, denied)
     assert entry.read_bytes() == b"hours of work"
+
+
+def test_a_stage_run_on_another_device_kind_is_another_stage(llama, monkeypatch):
+    """A `quantdiag patch` on a GPU of a run made on the CPU computes its stages again."""
+    context = RunContext(None, llama, WeightBank(llama), PromptSet([], [], [], 0), None)
+    on_cpu = context.stage_key(REFERENCE)
+    monkeypatch.setattr(LoadedModel, "device", property(lambda self: torch.device("cuda")))
+    assert context.stage_key(REFERENCE) != on_cpu

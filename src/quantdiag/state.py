@@ -78,12 +78,13 @@ class RunContext:
     specs: Sequence[ComparedSpec] = ()
 
     def stage_key(self, settings: str | list[str], *parts) -> str:
-        """A stage's cache key: the code versions, the model, the weight files of ``settings``
-        (with the calibration they depend on), the prompts and ``parts``."""
+        """A stage's cache key: the code versions, the model, the device kind it runs on (a GPU's
+        kernels round differently), the weight files of ``settings`` (with the calibration they
+        depend on), the prompts and ``parts``."""
         names = (
             self.bank.path(settings).name if isinstance(settings, str) else [self.bank.path(s).name for s in settings]
         )
-        return cache_key(self.loaded.fingerprint, names, self.prompts.digest, *parts)
+        return cache_key(self.loaded.fingerprint, self.loaded.device.type, names, self.prompts.digest, *parts)
 
 
 @dataclass(frozen=True)
