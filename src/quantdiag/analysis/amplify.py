@@ -1,4 +1,4 @@
-"""Peak-signal amplification (METHODS 7): a training-free read-out repair for Signal Degradation.
+"""Peak-signal amplification (docs/methods.md, Repairs): a training-free read-out repair for Signal Degradation.
 
 Per prompt, ``l*`` is the layer whose logit-lens distribution at the last token has the lowest
 entropy (where the answer's signal peaks); the output logits become ``z = z_{L-1} + alpha z_{l*}``.

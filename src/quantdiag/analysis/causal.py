@@ -1,4 +1,4 @@
-"""Causal tracing of one setting on the prompts of each subset (METHODS 3): cross-model patching
+"""Causal tracing of one setting on the prompts of each subset (docs/methods.md, Causal tracing): cross-model patching
 (the reference's values written into the setting) and zero ablation (within the setting).
 
 The reference is traced first and the setting's weights are swapped in once, so the bank swaps

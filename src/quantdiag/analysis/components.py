@@ -1,4 +1,4 @@
-"""Component diagnostics (METHODS 4): is attention still focused, does the FFN still retrieve the
+"""Component diagnostics (docs/methods.md, Components): is attention still focused, does the FFN still retrieve the
 same memories? Per prompt and layer, at the last subject token ``s`` (and the last token for
 entropy), for the reference and each setting; only scalars per prompt and layer are kept.
 

@@ -1,4 +1,4 @@
-"""Causal effects from the patching engine's per-token grids (METHODS 3): grouped heatmaps of
+"""Causal effects from the patching engine's per-token grids (docs/methods.md, Causal tracing): grouped heatmaps of
 restoration (patching) and of the drop of p(target) (ablation), their hotspots, and the
 per-token view of one prompt.
 

@@ -104,7 +104,7 @@ def score_prompts(
 
 
 def lens_scores(loaded: LoadedModel, resid: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit lens (METHODS 2): target probability and rank of ``softmax(W_U norm_f(h_l))`` for
+    """Logit lens (docs/methods.md, Logit lens): target probability and rank of ``softmax(W_U norm_f(h_l))`` for
     residuals ``resid`` (prompts x layers x d), one layer at a time to bound memory."""
     probs, ranks = [], []
     for layer in range(resid.shape[1]):

@@ -1,4 +1,4 @@
-"""Logit-lens curves (METHODS 2): per layer, the mean probability and the median rank of the
+"""Logit-lens curves (docs/methods.md, Logit lens): per layer, the mean probability and the median rank of the
 answer at the last token, over a subset of prompts. The per-prompt lens comes from the
 evaluation engine (``forward.score_prompts``)."""
 

@@ -1,4 +1,4 @@
-"""The patching engine (METHODS 3): p(target) after writing a value at every (layer, token) of a
+"""The patching engine (docs/methods.md, Causal tracing): p(target) after writing a value at every (layer, token) of a
 batch of prompts, one heatmap per call, and the naive loop it must equal.
 
 The engine runs a model's clean forward once per batch (:func:`trace`), then for each layer l

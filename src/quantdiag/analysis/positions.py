@@ -1,4 +1,4 @@
-"""Token positions grouped as in ROME's causal tracing (METHODS 3), so heatmaps of prompts of
+"""Token positions grouped as in ROME's causal tracing (docs/methods.md, Causal tracing), so heatmaps of prompts of
 different lengths can be averaged: each token gets exactly one group."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Factual recall (METHODS 1): accuracy, robustness accuracy, per-relation accuracy, the rank of
+"""Factual recall (docs/methods.md, Recall): accuracy, robustness accuracy, per-relation accuracy, the rank of
 the answer, the most frequent predictions, and the Robust / Failure subsets."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mechanism-aware repairs (METHODS 7), each a PrecisionPlan over the WeightBank (plus the
+"""Mechanism-aware repairs (docs/methods.md, Repairs), each a PrecisionPlan over the WeightBank (plus the
 amplified read-out), evaluated on the Failure subset's test split and on the Robust subset:
 the paper's Table 1 for one setting.
 

@@ -1,4 +1,4 @@
-"""Representation diagnostics (METHODS 5): is the compared model's representation space still
+"""Representation diagnostics (docs/methods.md, Representations): is the compared model's representation space still
 the reference's? Layer x layer linear CKA of the residual stream, attention and MLP outputs at
 the last subject token and the last token; activation- and error-subspace similarity of the
 residual stream per layer.
@@ -31,7 +31,7 @@ from quantdiag.quant.spec import REFERENCE, PrecisionPlan
 
 STREAMS = tuple(KIND_SITES)
 POSITIONS = ("subject", "last")
-#: The stream whose subspaces are measured (METHODS 5: the activation matrix of the layer).
+#: The stream whose subspaces are measured (docs/methods.md, Representations: the activation matrix of the layer).
 SUBSPACE_STREAM = "resid"
 SUBSPACE_METRICS = ("activation", "error", "k")
 

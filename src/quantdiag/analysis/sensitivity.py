@@ -1,4 +1,4 @@
-"""Sensitivity maps (METHODS 6): where does the damage start? Each experiment is a PrecisionPlan
+"""Sensitivity maps (docs/methods.md, Sensitivity): where does the damage start? Each experiment is a PrecisionPlan
 over the WeightBank (weights quantized once, swapped in): the domino test (blocks 0..k
 quantized), single blocks, one component group in every block, and signal injection (the first
 k blocks at a higher precision over a 2-bit model).

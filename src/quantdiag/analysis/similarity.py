@@ -1,4 +1,4 @@
-"""Representation similarity (METHODS 5) computed from spilled rows, block by block, exactly.
+"""Representation similarity (docs/methods.md, Representations) computed from spilled rows, block by block, exactly.
 
 * Linear CKA (Kornblith et al. 2019) of x's layer i against y's layer j, the whole L x L matrix:
   ``||Yc^T Xc||_F^2 = <Xc Xc^T, Yc Yc^T>``, so it is a sum over pairs of row blocks of products

@@ -1,5 +1,5 @@
 """Facts and prompts: ParaRel (shipped with the package) or a user's JSONL, turned into token ids
-with the subject's token span and the target token (METHODS 1)."""
+with the subject's token span and the target token (docs/methods.md, Recall)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _user_fact(line: str, where: str) -> Fact:
 
 
 def robustness_texts(fact: Fact, max_paraphrases: int | None) -> list[str]:
-    """The instruction-wrapped cloze of each paraphrase (METHODS 1): the target comes next."""
+    """The instruction-wrapped cloze of each paraphrase (docs/methods.md, Recall): the target comes next."""
     patterns = paraphrases(fact.relation) if fact.relation in pararel_relations() else (fact.template,)
     clozes = [p.replace("[X]", fact.subject).replace("[Y]", "___") for p in patterns[:max_paraphrases]]
     return [ROBUSTNESS_WRAPPER.format(cloze=cloze) for cloze in clozes]

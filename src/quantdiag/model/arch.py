@@ -1,7 +1,7 @@
 """Architecture adapters: where each probe site lives in a Hugging Face model family.
 
 One small table a family (pyvene-style): module paths relative to a decoder block, plus the
-order in which GPTQ quantizes a block's linears. Site names follow DESIGN.md:
+order in which GPTQ quantizes a block's linears. Site names follow docs/architecture.md, Site names:
 ``blocks.{l}.resid_post``, ``blocks.{l}.attn_out``, ``blocks.{l}.mlp_out``,
 ``blocks.{l}.mlp.gate_pre``, ``blocks.{l}.mlp.act`` (the SwiGLU intermediate ``act(g) * up``,
 i.e. the input of ``down_proj``) and ``blocks.{l}.attn_probs`` (needs eager attention).

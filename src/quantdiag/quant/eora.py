@@ -1,4 +1,4 @@
-"""EoRA (METHODS 7): a training-free rank-r compensation of each linear's quantization error,
+"""EoRA (docs/methods.md, Repairs): a training-free rank-r compensation of each linear's quantization error,
 ``W_q + B A``, fitted where the calibration activations live: the error is projected into the
 eigenspace of the input covariance ``C = X^T X`` before its truncated SVD, so the rank is spent
 on the directions the inputs use.

@@ -1,4 +1,4 @@
-"""The report's causal section (METHODS 3): per method and subset, grouped heatmaps of
+"""The report's causal section (docs/methods.md, Causal tracing): per method and subset, grouped heatmaps of
 cross-model patching (restoration) and zero ablation (share of p(answer) lost) side by side for
 the reference and each setting, a one-line reading under each heatmap, and the per-token view of
 one prompt."""

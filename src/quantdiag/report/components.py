@@ -1,4 +1,4 @@
-"""The report's component section (METHODS 4): per method, attention and FFN metrics per layer on
+"""The report's component section (docs/methods.md, Components): per method, attention and FFN metrics per layer on
 the Failure subset, reference and every setting together, with a one-line reading."""
 
 from __future__ import annotations

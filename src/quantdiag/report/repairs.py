@@ -1,4 +1,4 @@
-"""The report's repair section (METHODS 7): per method, the paper's Table 1 as an annotated
+"""The report's repair section (docs/methods.md, Repairs): per method, the paper's Table 1 as an annotated
 heatmap (repairs x settings; accuracy and average bits in each cell) on the Failure test split
 and the Robust subset, with a one-line reading per setting."""
 

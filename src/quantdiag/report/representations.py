@@ -1,4 +1,4 @@
-"""The report's representation section (METHODS 5): per method, on the Failure subset, layer x
+"""The report's representation section (docs/methods.md, Representations): per method, on the Failure subset, layer x
 layer CKA heatmaps side by side (the reference against itself, then each setting against the
 reference) at the last subject token and the last token, and per-layer curves of the CKA
 diagonal and the residual stream's subspace similarities, each with a one-line reading (CKA only

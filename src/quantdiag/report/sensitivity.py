@@ -1,4 +1,4 @@
-"""The report's sensitivity section (METHODS 6): per method, the domino and single-block curves,
+"""The report's sensitivity section (docs/methods.md, Sensitivity): per method, the domino and single-block curves,
 the component table and signal injection, each with a one-line reading per setting."""
 
 from __future__ import annotations

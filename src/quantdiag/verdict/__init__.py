@@ -1,4 +1,4 @@
-"""The verdict (METHODS 8): Healthy, Signal Degradation, Computation Collapse or Inconclusive for
+"""The verdict (docs/verdict.md): Healthy, Signal Degradation, Computation Collapse or Inconclusive for
 every compared model, with its evidence and a recommendation, computed from results.json."""
 
 from __future__ import annotations

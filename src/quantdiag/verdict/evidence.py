@@ -1,4 +1,4 @@
-"""The evidence of METHODS 8, read off results.json: each signature's value for one compared
+"""The evidence of docs/verdict.md, read off results.json: each signature's value for one compared
 model, with the reference's, on the subset where the damage shows (the model's Failure subset;
 its Robust subset when it fails nothing). Pure functions of the results, so a verdict can be
 recomputed, or checked by hand, from results.json alone."""

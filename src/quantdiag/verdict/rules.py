@@ -1,4 +1,4 @@
-"""From evidence to a verdict (METHODS 8): each measured signature votes Collapse or intact; a
+"""From evidence to a verdict (docs/verdict.md): each measured signature votes Collapse or intact; a
 two-thirds majority decides, accuracy decides Healthy, and too little evidence is Inconclusive.
 docs/verdict.md says the same in plain words."""
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class Signature:
-    """One signature of METHODS 8: what is measured, where the line is, and why there.
+    """One signature of docs/verdict.md: what is measured, where the line is, and why there.
 
     ``collapse_when``: on which side of ``threshold`` the value votes Computation Collapse (the
     other side votes "intact": the computation still works). ``scale``: "linear" for values in
