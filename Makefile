@@ -16,7 +16,7 @@ DEMO_CAUSAL ?= --causal-bits 4,2 --streams resid --patch-prompts 4
 # 2-bit settings (the paper's Fig. 10 and Table 2); repairs run for every setting.
 DEMO_SENSITIVITY ?= --sensitivity-bits 4,2
 
-.PHONY: install install-test browser demo test bench clean
+.PHONY: install install-test browser lint demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,11 @@ browser:
 		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; } \
 		|| echo "no chromium-driver: the browser tests will be skipped"
 
-test: install-test browser
+lint: install-test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: install-test browser lint
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -17,8 +17,8 @@ import time
 
 import psutil
 import torch
-from _memory import peak_memory
 
+from _memory import peak_memory
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.representations import POSITIONS, STREAMS, representation_arrays
 from quantdiag.data.facts import load_pararel, pararel_relations, tokenize
@@ -47,8 +47,23 @@ def measure(count: int) -> dict:
     with peak_memory(torch.device("cpu")) as growth:
         component_arrays(loaded, bank, [spec.key for spec in specs], prompts, BATCH)
         representation_arrays(loaded, bank, specs[-1].key, {"all": prompts}, BATCH)
-    whole = 2 * len(prompts) * loaded.adapter.n_layers * loaded.model.config.hidden_size * len(STREAMS) * len(POSITIONS) * 4 / 2**20
-    return {"prompts": len(prompts), "base": base, "growth": growth(), "seconds": time.perf_counter() - start, "whole": whole}
+    whole = (
+        2
+        * len(prompts)
+        * loaded.adapter.n_layers
+        * loaded.model.config.hidden_size
+        * len(STREAMS)
+        * len(POSITIONS)
+        * 4
+        / 2**20
+    )
+    return {
+        "prompts": len(prompts),
+        "base": base,
+        "growth": growth(),
+        "seconds": time.perf_counter() - start,
+        "whole": whole,
+    }
 
 
 def main() -> None:
@@ -60,7 +75,9 @@ def main() -> None:
         return
     rows = []
     for count in SIZES:
-        out = subprocess.run([sys.executable, __file__, "--child", str(count)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(count)], check=True, capture_output=True, text=True
+        ).stdout
         row = json.loads(out.splitlines()[-1])
         rows.append(row)
         print(

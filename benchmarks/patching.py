@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import torch
-from _memory import peak_memory
 
+from _memory import peak_memory
 from quantdiag.analysis.causal import CausalPlan, causal_arrays
 from quantdiag.analysis.patching import Sweep, naive_sweep_probs, trace
 from quantdiag.data.facts import load_pararel, tokenize
@@ -34,7 +34,10 @@ def naive(loaded, bank: WeightBank, setting: str, prompts) -> np.ndarray:
     pairs = []
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     for prompt in prompts:
-        ids, target = torch.tensor([prompt.ids], device=loaded.device), torch.tensor([prompt.target], device=loaded.device)
+        ids, target = (
+            torch.tensor([prompt.ids], device=loaded.device),
+            torch.tensor([prompt.target], device=loaded.device),
+        )
         pairs.append((ids, target, trace(loaded.adapter, ids, target, ("resid",)).values("resid")))
     bank.apply(PrecisionPlan.uniform(setting))
     for row, (ids, target, values) in enumerate(pairs):
@@ -67,7 +70,10 @@ def main() -> None:
         naive_s = time.perf_counter() - start
 
     tokens = [len(p.ids) for p in prompts]
-    print(f"{len(prompts)} prompts, {np.mean(tokens):.1f} tokens each, {loaded.adapter.n_layers} layers, device {loaded.device}")
+    print(
+        f"{len(prompts)} prompts, {np.mean(tokens):.1f} tokens each, {loaded.adapter.n_layers} layers, device "
+        f"{loaded.device}"
+    )
     print(f"patches: {sum(tokens) * loaded.adapter.n_layers} (residual, every layer x token)")
     print(f"naive loop (one full forward per patch): {naive_s:.1f} s, peak memory +{naive_peak():.0f} MiB")
     print(f"quantdiag engine: {engine_s:.1f} s, peak memory +{engine_peak():.0f} MiB")

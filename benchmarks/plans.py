@@ -55,8 +55,12 @@ def main() -> None:
     domino_step = median_seconds(lambda: bank.apply(next(dominos)), layers)
 
     print(f"evaluation pass, {len(prompts)} prompts: {evaluation:.2f} s (device {loaded.device})")
-    print(f"apply, every linear changes: {swap_all * 1000:.0f} ms = {swap_all / evaluation:.1%} of the pass (goal < 5%)")
-    print(f"apply, one domino step (one block): {domino_step * 1000:.1f} ms = {domino_step / evaluation:.2%} of the pass")
+    print(
+        f"apply, every linear changes: {swap_all * 1000:.0f} ms = {swap_all / evaluation:.1%} of the pass (goal < 5%)"
+    )
+    print(
+        f"apply, one domino step (one block): {domino_step * 1000:.1f} ms = {domino_step / evaluation:.2%} of the pass"
+    )
 
 
 if __name__ == "__main__":

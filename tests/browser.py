@@ -20,7 +20,15 @@ needs_chromium = pytest.mark.skipif(
 #: A report of tens of embedded figures can take a while to parse on a busy 2-core machine.
 LOAD_SECONDS = 120
 LOADED = "return document.readyState === 'complete' && [...document.images].every(i => i.complete);"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--window-size=1280,2000")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--window-size=1280,2000",
+)
 
 
 def open_report(report: Path, screenshot: Path) -> tuple[list[dict], dict]:
@@ -53,7 +61,8 @@ def open_report(report: Path, screenshot: Path) -> tuple[list[dict], dict]:
         WebDriverWait(driver, LOAD_SECONDS).until(lambda d: noting_alerts(lambda: d.execute_script(LOADED)))
         page = driver.execute_script(
             "const images = [...document.images];"
-            "return {images: images.length, broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),"
+            "return "
+            "{images: images.length, broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),"
             " cards: document.querySelectorAll('section.card').length,"
             " text: document.body.innerText, pwned: typeof window.__pwned};"
         )

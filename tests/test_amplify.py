@@ -10,11 +10,12 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 
 from quantdiag.analysis.amplify import amplified_correct, best_alpha, dev_test_split
 from quantdiag.data.facts import Prompt, load_pararel, tokenize
 from quantdiag.model.load import LoadedModel
+
+from conftest import tiny_model
 
 ALPHAS = (0.0, 0.5, 2.0, 9.0)
 #: Factor on the tiny models' unembedding: lens logits of a few units, far from uniform, where

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import SafetensorError
 import transformers
-from conftest import tiny_model, tiny_tokenizer
 from gguf import GGMLQuantizationType, GGUFWriter
+from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from quantdiag.cli import app
 from quantdiag.config import RunConfig
+
+from conftest import tiny_model, tiny_tokenizer
 
 #: Small enough that every case that loads the reference takes about a second.
 FEW = "--relations P19 --facts 2 --preset quick --device cpu"
@@ -68,7 +69,11 @@ CASES = [
     ),
     Case("unknown-dtype", f"run --model {{ref}} --methods rtn --bits 4 {FEW} --dtype float8", "dtype must be auto"),
     # facts files
-    Case("facts-file-malformed", "run --facts-file {broken_facts}", "need JSON: an object with subject, object and template"),
+    Case(
+        "facts-file-malformed",
+        "run --facts-file {broken_facts}",
+        "need JSON: an object with subject, object and template",
+    ),
     Case("facts-file-empty", "run --facts-file {empty_facts}", "is empty"),
     Case("facts-file-missing", "run --facts-file {missing}", "facts file not found"),
     # the output folder

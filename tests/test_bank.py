@@ -20,7 +20,9 @@ def test_apply_reference_restores_weights_bit_for_bit(llama):
     spec = QuantSpec("rtn", 2, 32)
     bank.ensure(spec)
     bank.apply(PrecisionPlan.uniform(spec.key))
-    assert not torch.equal(llama.model.model.layers[0].mlp.up_proj.weight, original["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        llama.model.model.layers[0].mlp.up_proj.weight, original["model.layers.0.mlp.up_proj.weight"]
+    )
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     for name, tensor in _weights(llama).items():
         assert torch.equal(tensor, original[name]), name
@@ -57,4 +59,3 @@ def test_gptq_keys_depend_on_the_calibration(llama):
     first = WeightBank(llama, _calibration()).path(spec.key)
     other = WeightBank(llama, Calibration(torch.ones(8, 32, dtype=torch.long), "ones")).path(spec.key)
     assert first != other
-

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
 
 from quantdiag.analysis.causal import CausalPlan, causal_arrays
 from quantdiag.analysis.effects import drop, from_json, restoration, subset_summary
@@ -20,6 +19,8 @@ from quantdiag.analysis.positions import token_groups
 from quantdiag.data.facts import Prompt
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+
+from conftest import VOCAB, tiny_model
 
 LAYERS = 3
 SETTING = QuantSpec("rtn", 3, 32, True)

@@ -203,8 +203,16 @@ def test_options_fill_their_fields(monkeypatch):
     args += ["--budget", "3", "--rank", "8", "--relations", "P19,P17", "--streams", "mlp", "--trust-remote-code"]
     (config,), _ = _captured(monkeypatch, "quantdiag.pipeline.run", args)
     expected = RunConfig(
-        bits=(4, 2), alphas=(1.0, 2.5), all_facts=True, analyses=(), sym=False, kurtosis_budget=3.0, eora_rank=8,
-        relations=("P19", "P17"), streams=("mlp",), trust_remote_code=True,
+        bits=(4, 2),
+        alphas=(1.0, 2.5),
+        all_facts=True,
+        analyses=(),
+        sym=False,
+        kurtosis_budget=3.0,
+        eora_rank=8,
+        relations=("P19", "P17"),
+        streams=("mlp",),
+        trust_remote_code=True,
     )
     assert config == expected
     (config,), _ = _captured(monkeypatch, "quantdiag.pipeline.run", ["run", "--facts", "7"])
@@ -214,13 +222,38 @@ def test_options_fill_their_fields(monkeypatch):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["patch"], {"analyses": ("patching", "ablation"), "patch_prompts": None, "causal_bits": None, "streams": None, "window": None}),
-        (["patch", "--analyses", "ablation", "--streams", "attn,mlp", "--window", "3"],
-         {"analyses": ("ablation",), "patch_prompts": None, "causal_bits": None, "streams": ("attn", "mlp"), "window": 3}),
+        (
+            ["patch"],
+            {
+                "analyses": ("patching", "ablation"),
+                "patch_prompts": None,
+                "causal_bits": None,
+                "streams": None,
+                "window": None,
+            },
+        ),
+        (
+            ["patch", "--analyses", "ablation", "--streams", "attn,mlp", "--window", "3"],
+            {
+                "analyses": ("ablation",),
+                "patch_prompts": None,
+                "causal_bits": None,
+                "streams": ("attn", "mlp"),
+                "window": 3,
+            },
+        ),
         (["sensitivity", "--sensitivity-bits", "2"], {"analyses": ("sensitivity",), "sensitivity_bits": (2,)}),
-        (["repair", "--budget", "3.5", "--alphas", "1,2", "--rank", "4"],
-         {"analyses": ("repairs",), "repair_bits": None, "protect_blocks": None, "kurtosis_budget": 3.5, "alphas": (1.0, 2.0),
-          "eora_rank": 4}),
+        (
+            ["repair", "--budget", "3.5", "--alphas", "1,2", "--rank", "4"],
+            {
+                "analyses": ("repairs",),
+                "repair_bits": None,
+                "protect_blocks": None,
+                "kurtosis_budget": 3.5,
+                "alphas": (1.0, 2.0),
+                "eora_rank": 4,
+            },
+        ),
     ],
     ids=["patch-defaults", "patch", "sensitivity", "repair"],
 )
@@ -242,8 +275,25 @@ def _flag(field: str) -> str:
 
 
 OFFERED = {
-    "diagnose": ["compare", "reference", "facts", "facts_file", "relations", "calib", "calib_samples", "calib_length",
-                 "out", "device", "dtype", "preset", "batch_size", "seed", "trust_remote_code", "analyses", "force"],
+    "diagnose": [
+        "compare",
+        "reference",
+        "facts",
+        "facts_file",
+        "relations",
+        "calib",
+        "calib_samples",
+        "calib_length",
+        "out",
+        "device",
+        "dtype",
+        "preset",
+        "batch_size",
+        "seed",
+        "trust_remote_code",
+        "analyses",
+        "force",
+    ],
     "patch": ["analyses", "patch_prompts", "causal_bits", "streams", "window"],
     "sensitivity": ["sensitivity_bits"],
     "repair": ["repair_bits", "protect_blocks", "budget", "alphas", "rank"],

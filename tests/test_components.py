@@ -8,7 +8,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 
 from quantdiag.analysis.components import (
     OWN_METRICS,
@@ -24,6 +23,8 @@ from quantdiag.model.load import LoadedModel, weights_fingerprint
 from quantdiag.model.probes import eager_attention
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+
+from conftest import tiny_model
 
 #: Factor on the query and key weights of the tiny models: attention logits grow by its square.
 SHARPEN = 6.0
@@ -153,7 +154,9 @@ def _by_hand(loaded: LoadedModel, bank: WeightBank, setting: str, prompts: list)
 
     layers = range(loaded.adapter.n_layers)
     runs = zip(prompts, captured[setting], captured[REFERENCE])
-    table = [[_hand_metrics(at(run, l), at(ref, l), p.last_subject) for l in layers] for p, run, ref in runs]
+    table = [
+        [_hand_metrics(at(run, layer), at(ref, layer), p.last_subject) for layer in layers] for p, run, ref in runs
+    ]
     return {m: np.array([[cell[m] for cell in row] for row in table]) for m in OWN_METRICS + PAIR_METRICS}
 
 

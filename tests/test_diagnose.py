@@ -24,6 +24,7 @@ from quantdiag.model.load import load_reference
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.checkpoint import inspect_checkpoint
 from quantdiag.quant.spec import PrecisionPlan
+
 from conftest import tiny_model, tiny_tokenizer
 
 GROUP = 32
@@ -37,7 +38,9 @@ def reference(tmp_path_factory):
     loaded = tiny_model("llama")
     tokenizer = loaded.tokenizer
     head = loaded.model.get_output_embeddings().weight
-    words = torch.tensor([t.startswith("Ġ") and len(t) > 2 for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))])
+    words = torch.tensor(
+        [t.startswith("Ġ") and len(t) > 2 for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    )
     head.data[~words] = 0
     head.data[words] *= 4
     facts = load_pararel(["P19", "P36", "P37", "P103", "P106"], 30, 0)
@@ -67,7 +70,16 @@ def _noisy(reference, name: str, scale: float, chosen) -> str:
 
 
 def _config(reference, tmp_path, *compare: str) -> RunConfig:
-    return RunConfig(out=str(tmp_path / "run"), model=str(reference / "reference"), methods=(), bits=(), compare=compare, preset="quick", facts_file=str(reference / "facts.jsonl"), device="cpu")
+    return RunConfig(
+        out=str(tmp_path / "run"),
+        model=str(reference / "reference"),
+        methods=(),
+        bits=(),
+        compare=compare,
+        preset="quick",
+        facts_file=str(reference / "facts.jsonl"),
+        device="cpu",
+    )
 
 
 def test_small_noise_everywhere_is_healthy(reference, tmp_path):
@@ -86,7 +98,25 @@ def test_small_noise_everywhere_is_healthy(reference, tmp_path):
 def test_large_noise_in_the_first_mlps_is_collapse(reference, tmp_path):
     """Through the command line with --json: stdout is the JSON alone, the exit code 4."""
     checkpoint = _noisy(reference, "large", 10.0, lambda name: "mlp" in name and name.split(".")[2] in ("0", "1"))
-    result = CliRunner().invoke(app, ["diagnose", "--reference", str(reference / "reference"), "--compare", checkpoint, "--preset", "quick", "--facts-file", str(reference / "facts.jsonl"), "--out", str(tmp_path / "run"), "--device", "cpu", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "diagnose",
+            "--reference",
+            str(reference / "reference"),
+            "--compare",
+            checkpoint,
+            "--preset",
+            "quick",
+            "--facts-file",
+            str(reference / "facts.jsonl"),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 4, result.output
     verdict = json.loads(result.stdout)["models"][0]["verdict"]
     assert verdict["verdict"] == "collapse" and verdict["retention"] < 0.5
@@ -100,7 +130,11 @@ def _gptq(reference, bits: int):
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    model = GPTQModel.load(str(reference / "reference"), QuantizeConfig(bits=bits, group_size=GROUP, desc_act=False, sym=True), device="cpu")
+    model = GPTQModel.load(
+        str(reference / "reference"),
+        QuantizeConfig(bits=bits, group_size=GROUP, desc_act=False, sym=True),
+        device="cpu",
+    )
     text = tiny_tokenizer()("The capital of France is Paris. " * 8)["input_ids"]
     with contextlib.chdir(reference):  # GPTQModel writes its quantization log to ./logs
         model.quantize([{"input_ids": text, "attention_mask": [1] * len(text)} for _ in range(8)], batch_size=1)
@@ -162,7 +196,13 @@ def _awq_checkpoint(reference, folder, shapes: dict[str, tuple[int, int]]) -> di
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
     config = json.loads((reference / "reference" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm", "zero_point": True}
+    config["quantization_config"] = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": GROUP,
+        "version": "gemm",
+        "zero_point": True,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return expected
 
@@ -204,7 +244,9 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(reference, tmp_path):
     bank = WeightBank(load_reference(str(reference / "reference"), device="cpu"))
     shapes = bank.shapes | {"model.layers.0.mlp.down_proj": (64, 96)}
     _awq_checkpoint(reference, tmp_path / "awq-wider", shapes)
-    assert "down_proj has scales of shape (3, 64), the reference's layer needs (4, 64)" in _checkpoint_error(reference, tmp_path / "awq-wider")
+    assert "down_proj has scales of shape (3, 64), the reference's layer needs (4, 64)" in _checkpoint_error(
+        reference, tmp_path / "awq-wider"
+    )
 
 
 @pytest.mark.parametrize(
@@ -214,9 +256,19 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(reference, tmp_path):
 def test_bad_checkpoint_paths_exit_2_with_one_line(reference, tmp_path, compare, fragment):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty").mkdir()
-    args = ["diagnose", "--reference", str(reference / "reference"), "--compare", str(tmp_path / compare), "--out", str(tmp_path / "run")]
+    args = [
+        "diagnose",
+        "--reference",
+        str(reference / "reference"),
+        "--compare",
+        str(tmp_path / compare),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and fragment in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.exit_code == 2 and fragment in result.output and len(result.output.strip().splitlines()) == 1, (
+        result.output
+    )
 
 
 def test_a_checkpoint_rewritten_with_the_same_size_and_time_is_another_version(tmp_path):

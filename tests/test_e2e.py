@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import needs_chromium, open_report
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 from typer.testing import CliRunner
 
@@ -26,6 +25,8 @@ from quantdiag.cli import app
 from quantdiag.config import RunConfig
 from quantdiag.model.load import builtin_gguf
 from quantdiag.pipeline import run
+
+from browser import needs_chromium, open_report
 
 pytestmark = pytest.mark.e2e
 #: Relations SmolLM2-135M knows (reference accuracy 15-60%); on most others it says " the".
@@ -133,7 +134,9 @@ def test_patching_restores_4_bit_not_2_bit(patched_run):
     for method in ("RTN", "GPTQ"):
         key = f"{method.lower()}:failure"
         four, two = (
-            early_last_subject(from_json(_setting(results, f"{method} {bits}-bit")["causal"][key]["patching"]["resid"]["restoration"]))
+            early_last_subject(
+                from_json(_setting(results, f"{method} {bits}-bit")["causal"][key]["patching"]["resid"]["restoration"])
+            )
             for bits in (4, 2)
         )
         assert four > max(5 * two, two + 0.005), (method, four, two)
@@ -173,7 +176,9 @@ def test_2_bit_representations_drift_further_than_4_bit(patched_run):
     for method in ("RTN", "GPTQ"):
         key = f"{method.lower()}:failure"
         four, two = (_setting(results, f"{method} {bits}-bit")["representations"][key] for bits in (4, 2))
-        diagonal = {name: np.diag(np.array(r["cka"]["resid"]["subject"], dtype=float)) for name, r in (("4", four), ("2", two))}
+        diagonal = {
+            name: np.diag(np.array(r["cka"]["resid"]["subject"], dtype=float)) for name, r in (("4", four), ("2", two))
+        }
         assert np.mean(diagonal["2"] < diagonal["4"]) > 0.5, method
         activation = {name: np.array(r["subspaces"]["subject"]["activation"]) for name, r in (("4", four), ("2", two))}
         assert np.mean(activation["2"] < activation["4"]) > 0.5, method
@@ -183,7 +188,10 @@ def test_2_bit_representations_drift_further_than_4_bit(patched_run):
 def repaired_run(quick_run):
     _, report, _ = quick_run
     run_dir = str(report.parent)
-    for args in (["sensitivity", run_dir, "--sensitivity-bits", "2"], ["repair", run_dir, "--repair-bits", "4,2", "--protect-blocks", "3"]):
+    for args in (
+        ["sensitivity", run_dir, "--sensitivity-bits", "2"],
+        ["repair", run_dir, "--repair-bits", "4,2", "--protect-blocks", "3"],
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
     return report, json.loads((report.parent / "results.json").read_text())
@@ -234,7 +242,12 @@ def _requantized_gguf(source: Path, target: Path, qtype: GGMLQuantizationType) -
     for field in reader.fields.values():
         if field.name != "general.architecture" and not field.name.startswith("GGUF."):
             value_type = field.types[0]
-            writer.add_key_value(field.name, field.contents(), value_type, sub_type=field.types[-1] if value_type == GGUFValueType.ARRAY else None)
+            writer.add_key_value(
+                field.name,
+                field.contents(),
+                value_type,
+                sub_type=field.types[-1] if value_type == GGUFValueType.ARRAY else None,
+            )
     tensors = []
     for tensor in reader.tensors:
         data, kind = tensor.data, tensor.tensor_type
@@ -256,7 +269,22 @@ def test_diagnose_a_gguf_file(tmp_path):
     reference's accuracy and no signature votes Collapse)."""
     checkpoint = tmp_path / "smollm2-q4_0.gguf"
     _requantized_gguf(builtin_gguf(), checkpoint, GGMLQuantizationType.Q4_0)
-    args = ["diagnose", "--compare", str(checkpoint), "--preset", "quick", "--relations", ",".join(KNOWN_RELATIONS), "--facts", "30", "--out", str(tmp_path / "run"), "--device", "cpu", "--json"]
+    args = [
+        "diagnose",
+        "--compare",
+        str(checkpoint),
+        "--preset",
+        "quick",
+        "--relations",
+        ",".join(KNOWN_RELATIONS),
+        "--facts",
+        "30",
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--json",
+    ]
     result = CliRunner().invoke(app, args)
     model = json.loads(result.stdout)["models"][0]
     assert model["label"] == "smollm2-q4_0 (GGUF 4.50-bit)"  # Q4_0: 18 bytes per 32 weights

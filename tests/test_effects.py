@@ -26,7 +26,14 @@ def _names(groups: np.ndarray) -> list[str]:
 
 def test_token_groups_follow_rome():
     assert _names(token_groups((2, 5), 8)) == [
-        "before subject", "before subject", "first subject", "middle subject", "last subject", "first after", "further", "last",
+        "before subject",
+        "before subject",
+        "first subject",
+        "middle subject",
+        "last subject",
+        "first after",
+        "further",
+        "last",
     ]
     # a one-token subject is the last subject token; the token after it may be the last token
     assert _names(token_groups((0, 1), 2)) == ["last subject", "last"]
@@ -100,8 +107,13 @@ def test_hotspot_concentration_is_the_share_of_the_top_five_percent():
     """8 layers x 7 groups = 56 cells; the top 5% is round(0.05 * n) of the n defined cells."""
     cells = np.zeros((8, len(GROUPS)))
     for layer, group, value in [
-        (2, "last subject", 0.6), (3, "last subject", 0.3), (1, "first subject", 0.2), (5, "further", 0.1),
-        (7, "last", 1.0), (0, "last", 0.4), (4, "before subject", -0.5),
+        (2, "last subject", 0.6),
+        (3, "last subject", 0.3),
+        (1, "first subject", 0.2),
+        (5, "further", 0.1),
+        (7, "last", 1.0),
+        (0, "last", 0.4),
+        (4, "before subject", -0.5),
     ]:
         cells[layer, GROUPS.index(group)] = value
     spot = hotspot(cells)

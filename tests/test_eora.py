@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.eora import eora_factors
 from quantdiag.quant.rtn import rtn_dequantized
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, average_bits, eora_key, split_eora
+
+from conftest import tiny_model
 
 TWO = QuantSpec("rtn", 2, 32, True)
 

@@ -6,7 +6,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from conftest import tiny_tokenizer
 from quantdiag.cli import app
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import (
@@ -25,6 +24,8 @@ from quantdiag.pipeline import build_prompts
 from quantdiag.results import _notes
 from quantdiag.state import RunContext
 from quantdiag.storage import cache_root
+
+from conftest import tiny_tokenizer
 
 #: The shared cache, read before the autouse fixture points QUANTDIAG_CACHE at a test's own folder.
 SHARED_CACHE = cache_root()
@@ -62,7 +63,7 @@ def test_subject_span_covers_exactly_the_subject(subject):
     start, end = prompt.subject
     assert tokenizer.decode(prompt.ids[start:end]).strip() == subject
     assert prompt.last_subject == end - 1
-    assert tokenizer.decode(prompt.ids[: end]).endswith(subject)
+    assert tokenizer.decode(prompt.ids[:end]).endswith(subject)
 
 
 def _bpe(alphabet: list[str], space: str, pre_tokenizer, rome: str, extra: tuple[str, ...] = (), bos: bool = False):

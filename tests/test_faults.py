@@ -14,21 +14,22 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-from multiprocessing import forkserver as server
 import os
 import pkgutil
 import signal
 import time
+from multiprocessing import forkserver as server
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
 from quantdiag.model.load import builtin_gguf, converted_gguf
 from quantdiag.quant.calib import load_calibration
 from quantdiag.storage import file_digest
+
+from conftest import tiny_model, tiny_tokenizer
 
 QUICK = "--methods rtn --bits 4,2 --analyses none --preset quick".split()
 QUICK += "--relations P103,P37,P19 --facts 4 --device cpu".split()

@@ -38,7 +38,9 @@ def test_lens_only_for_asked_rows(llama):
     scores = score_prompts(llama, prompts, lens_rows=rows)
     assert np.isfinite(scores.lens_prob[rows]).all()
     assert np.isnan(scores.lens_prob[~rows]).all()
-    assert lens_curves(scores, np.flatnonzero(rows))["mean_prob"] == pytest.approx(np.mean(scores.lens_prob[rows], axis=0).tolist())
+    assert lens_curves(scores, np.flatnonzero(rows))["mean_prob"] == pytest.approx(
+        np.mean(scores.lens_prob[rows], axis=0).tolist()
+    )
     assert lens_curves(scores, np.array([], dtype=int)) is None
 
 

@@ -9,10 +9,11 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from quantdiag.quant.gptq import gptq_dequantized
 from quantdiag.quant.spec import QuantSpec
+
+from conftest import tiny_model
 
 TARGET = "model.layers.1.mlp.down_proj"  # the last linear GPTQ reaches: its inputs pass through every other
 GROUP, BATCH = 32, 4

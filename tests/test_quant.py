@@ -55,12 +55,16 @@ def test_rtn_keeps_dtype_and_zero_groups():
     assert out.dtype == torch.bfloat16 and torch.equal(out, weight)
 
 
-@pytest.mark.parametrize(("width", "group", "expected"), [(576, 128, 64), (1536, 128, 128), (4096, 128, 128), (100, 128, 4), (96, 32, 32)])
+@pytest.mark.parametrize(
+    ("width", "group", "expected"), [(576, 128, 64), (1536, 128, 128), (4096, 128, 128), (100, 128, 4), (96, 32, 32)]
+)
 def test_group_size_falls_back_to_largest_power_of_two_divisor(width, group, expected):
     assert effective_group_size(width, group) == expected
 
 
-@pytest.mark.parametrize(("method", "bits", "group"), [("rtn", 1, 128), ("rtn", 9, 128), ("gptq", 4, 0), ("awq", 4, 128)])
+@pytest.mark.parametrize(
+    ("method", "bits", "group"), [("rtn", 1, 128), ("rtn", 9, 128), ("gptq", 4, 0), ("awq", 4, 128)]
+)
 def test_bad_specs_are_user_errors(method, bits, group):
     with pytest.raises(QuantdiagError):
         QuantSpec(method, bits, group)
@@ -80,7 +84,9 @@ def test_average_bits_two_of_32_blocks_at_8_on_4_bit():
 
 
 def test_later_rules_override_earlier_ones():
-    plan = PrecisionPlan(default="a", rules=(Rule("b", pattern=r"mlp\."), Rule("c", pattern="down_proj", layers=(1, 3))))
+    plan = PrecisionPlan(
+        default="a", rules=(Rule("b", pattern=r"mlp\."), Rule("c", pattern="down_proj", layers=(1, 3)))
+    )
     assert plan.setting_for("model.layers.0.self_attn.q_proj", 0) == "a"
     assert plan.setting_for("model.layers.0.mlp.down_proj", 0) == "b"
     assert plan.setting_for("model.layers.2.mlp.down_proj", 2) == "c"

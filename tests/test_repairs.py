@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_amplify import confident, hand_amplified
 
 from quantdiag.analysis.amplify import dev_test_split
 from quantdiag.analysis.forward import score_prompts
@@ -26,6 +25,7 @@ from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, eora_key
+from test_amplify import confident, hand_amplified
 
 LOW, EIGHT = QuantSpec("rtn", 3, 32, True), QuantSpec("rtn", 8, 32, True)
 #: EoRA rank, kurtosis budget, alphas and split seed where, on this tiny model, the rows tell the

@@ -16,7 +16,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from quantdiag.analysis.forward import score_prompts
@@ -26,6 +25,8 @@ from quantdiag.model.load import LoadedModel, load_reference
 from quantdiag.pipeline import run
 from quantdiag.report.html import _save, write_report
 from quantdiag.runs import RunDir
+
+from conftest import tiny_model, tiny_tokenizer
 
 #: Checkpoint name -> (noise scale, seed): a copy, a little noise, much noise.
 CHECKPOINTS = {"zero": (0.0, 1), "one": (0.3, 1), "two": (3.0, 2)}

@@ -9,9 +9,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from browser import needs_chromium, open_report
-from conftest import tiny_model
-
 from quantdiag.analysis.forward import score_prompts
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import load_pararel, target_token, tokenize
@@ -19,13 +16,24 @@ from quantdiag.diagnose import diagnose
 from quantdiag.model.load import LoadedModel
 from quantdiag.pipeline import run
 
+from browser import needs_chromium, open_report
+from conftest import tiny_model
+
 
 @needs_chromium
 def test_the_report_opens_cleanly_in_chromium(tmp_path):
     loaded = tiny_model("llama")
     loaded.model.save_pretrained(tmp_path / "model")
     loaded.tokenizer.save_pretrained(tmp_path / "model")
-    config = RunConfig(out=str(tmp_path / "run"), model=str(tmp_path / "model"), methods=("rtn",), bits=(4, 2), preset="quick", relations=("P19", "P36"), device="cpu")
+    config = RunConfig(
+        out=str(tmp_path / "run"),
+        model=str(tmp_path / "model"),
+        methods=("rtn",),
+        bits=(4, 2),
+        preset="quick",
+        relations=("P19", "P36"),
+        device="cpu",
+    )
     report = run(config).report
     errors, page = open_report(report, report.with_suffix(".png"))
     assert errors == []

@@ -19,12 +19,16 @@ from quantdiag.data.facts import load_pararel, tokenize
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, QuantSpec
 
-shapes = st.tuples(st.integers(4, 24), st.integers(2, 30), st.integers(1, 3), st.integers(0, 2**16))  # rows, width, layers, seed
+shapes = st.tuples(
+    st.integers(4, 24), st.integers(2, 30), st.integers(1, 3), st.integers(0, 2**16)
+)  # rows, width, layers, seed
 
 
 def _random(rows: int, width: int, layers: int, seed: int) -> np.ndarray:
     generator = np.random.default_rng(seed)
-    return generator.normal(size=(rows, layers, width)) * generator.uniform(0.5, 3, size=width) + generator.normal(size=width)
+    return generator.normal(size=(rows, layers, width)) * generator.uniform(0.5, 3, size=width) + generator.normal(
+        size=width
+    )
 
 
 def _spilled(folder: Path, values: np.ndarray, chunk: int = 5) -> LayerRows:
@@ -128,7 +132,10 @@ def test_representation_pass_on_a_tiny_model(family_model, tmp_path):
     assert set(own) == {f"{sub}/{s}/{p}/cka" for sub in subsets for s in STREAMS for p in POSITIONS}
     np.testing.assert_allclose(np.diag(own["rtn:failure/resid/last/cka"]), 1, rtol=1e-4)
 
-    arrays = {spec.bits: representation_arrays(family_model, bank, spec.key, subsets, batch_size=4, workdir=work) for spec in (eight, two)}
+    arrays = {
+        spec.bits: representation_arrays(family_model, bank, spec.key, subsets, batch_size=4, workdir=work)
+        for spec in (eight, two)
+    }
     assert list(work.iterdir()) == []  # spills removed
     for metric in SUBSPACE_METRICS:
         assert arrays[2][f"rtn:failure/resid/subject/{metric}"].shape == (layers,)
@@ -136,4 +143,7 @@ def test_representation_pass_on_a_tiny_model(family_model, tmp_path):
     for position in POSITIONS:
         diagonal = {bits: np.diag(arrays[bits][f"rtn:failure/resid/{position}/cka"]).mean() for bits in arrays}
         assert diagonal[8] > diagonal[2]
-        assert arrays[8][f"rtn:failure/resid/{position}/activation"].mean() > arrays[2][f"rtn:failure/resid/{position}/activation"].mean()
+        assert (
+            arrays[8][f"rtn:failure/resid/{position}/activation"].mean()
+            > arrays[2][f"rtn:failure/resid/{position}/activation"].mean()
+        )

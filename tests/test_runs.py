@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_model
 from quantdiag import storage
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Prompt
@@ -23,6 +22,8 @@ from quantdiag.resolve import resolve
 from quantdiag.runs import RunDir
 from quantdiag.state import PromptSet, RunContext
 from quantdiag.storage import atomic_dir, atomic_file, check_manifest, write_json
+
+from conftest import tiny_model
 
 
 def test_a_stage_is_computed_once(tmp_path):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
 
 from quantdiag.analysis.forward import score_prompts
 from quantdiag.analysis.sensitivity import (
@@ -25,6 +24,8 @@ from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.plans import COMPONENT_GROUPS, blocks_plan, component_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 
+from conftest import tiny_model
+
 LOW, HIGH = QuantSpec("rtn", 2, 32, True), QuantSpec("rtn", 8, 32, True)
 
 
@@ -34,7 +35,9 @@ def _setup(loaded, count: int = 10):
     bank = WeightBank(loaded)
     for spec in (LOW, HIGH):
         bank.ensure(spec)
-    prompts = [tokenize(loaded.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19", "P36"], count // 2, 0))]
+    prompts = [
+        tokenize(loaded.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19", "P36"], count // 2, 0))
+    ]
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     answers = score_prompts(loaded, prompts, 4).predicted
     return bank, [dataclasses.replace(p, target=int(a)) for p, a in zip(prompts, answers)]
@@ -47,7 +50,9 @@ def test_plans_assign_the_blocks_and_components_they_name(llama):
     injected = bank.assignment(blocks_plan(HIGH.key, 0, 2, default=LOW.key))
     assert all((s == HIGH.key) == (bank.layers[n] < 2) and s in (HIGH.key, LOW.key) for n, s in injected.items())
     for group, kinds in COMPONENT_GROUPS.items():
-        chosen = {n for n, s in bank.assignment(component_plan(llama.adapter.arch, LOW.key, group)).items() if s == LOW.key}
+        chosen = {
+            n for n, s in bank.assignment(component_plan(llama.adapter.arch, LOW.key, group)).items() if s == LOW.key
+        }
         assert chosen == {n for n in bank.modules if llama.adapter.linear_kind(n)[1] in kinds}, group
 
 

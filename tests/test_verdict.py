@@ -13,7 +13,14 @@ from quantdiag.verdict import verdict_of
 from quantdiag.verdict.evidence import Measured, measure
 from quantdiag.verdict.recommend import injection_blocks
 from quantdiag.verdict.rules import COLLAPSE, DEGRADATION, HEALTHY, INCONCLUSIVE, decide, decisive, first_damaged_block
-from quantdiag.verdict.thresholds import BY_NAME, FULL_EVIDENCE, HEALTHY_RETENTION, MIN_SIGNATURES, REPAIR_GAIN, SIGNATURES
+from quantdiag.verdict.thresholds import (
+    BY_NAME,
+    FULL_EVIDENCE,
+    HEALTHY_RETENTION,
+    MIN_SIGNATURES,
+    REPAIR_GAIN,
+    SIGNATURES,
+)
 
 NAMES = [signature.name for signature in SIGNATURES]
 LAYERS = 8
@@ -72,7 +79,9 @@ def test_the_deciding_signatures_are_the_clearest_agreeing_ones():
     assert decisive(DEGRADATION, measured) == ["sign_flip"]
 
 
-def _setting(key: str, bits: int, *, cka: float, flips: float, half: int | None = None, repairs: list | None = None) -> dict:
+def _setting(
+    key: str, bits: int, *, cka: float, flips: float, half: int | None = None, repairs: list | None = None
+) -> dict:
     """A compared model's results.json entry with lens, components and representations (and
     optionally sensitivity and repairs) on its method's Failure subset."""
     subset = "rtn:failure"
@@ -85,19 +94,45 @@ def _setting(key: str, bits: int, *, cka: float, flips: float, half: int | None 
         "average_bits": float(bits),
         "recall": {"accuracy": 0.1},
         "lens": {subset: {"median_rank": [5000.0] * (LAYERS - 1) + [3.0 if cka > 0.6 else 4000.0]}},
-        "components": {subset: {"sign_flip": [flips] * LAYERS, "jaccard": [0.5 if flips < 0.2 else 0.05] * LAYERS, "value_cosine": [0.8 if flips < 0.2 else 0.1] * LAYERS}},
-        "representations": {subset: {"cka": {"resid": {"subject": diagonal}}, "subspaces": {"subject": {"activation": [0.75 if cka > 0.6 else 0.1] * LAYERS, "error": [0.15] * LAYERS, "k": [10] * LAYERS}}}},
+        "components": {
+            subset: {
+                "sign_flip": [flips] * LAYERS,
+                "jaccard": [0.5 if flips < 0.2 else 0.05] * LAYERS,
+                "value_cosine": [0.8 if flips < 0.2 else 0.1] * LAYERS,
+            }
+        },
+        "representations": {
+            subset: {
+                "cka": {"resid": {"subject": diagonal}},
+                "subspaces": {
+                    "subject": {
+                        "activation": [0.75 if cka > 0.6 else 0.1] * LAYERS,
+                        "error": [0.15] * LAYERS,
+                        "k": [10] * LAYERS,
+                    }
+                },
+            }
+        },
     }
     if half is not None:
         kept = 1.0 if cka > 0.6 else 0.0
-        setting["sensitivity"] = {"domino": {"robust": [kept] * LAYERS, "failure": [0.0] * LAYERS}, "half_damage_block": half}
+        setting["sensitivity"] = {
+            "domino": {"robust": [kept] * LAYERS, "failure": [0.0] * LAYERS},
+            "half_damage_block": half,
+        }
     if repairs is not None:
         setting["repairs"] = {"rows": repairs}
     return setting
 
 
 def _results(*settings: dict, injection: dict | None = None) -> dict:
-    reference = {"key": "reference", "label": "Reference", "method": None, "recall": {"accuracy": 0.2}, "lens": {"rtn:failure": {"median_rank": [5000.0] * (LAYERS - 1) + [1.0]}}}
+    reference = {
+        "key": "reference",
+        "label": "Reference",
+        "method": None,
+        "recall": {"accuracy": 0.2},
+        "lens": {"rtn:failure": {"median_rank": [5000.0] * (LAYERS - 1) + [1.0]}},
+    }
     return {
         "model": {"n_layers": LAYERS, "hidden_size": 100, "vocab_size": 10000},
         "subsets": {"rtn": {"robust": 10, "failure": 10}},
@@ -109,8 +144,18 @@ def _results(*settings: dict, injection: dict | None = None) -> dict:
 def test_evidence_is_read_off_results_json():
     four = _setting("rtn-w4", 4, cka=0.9, flips=0.1)
     values = {m.name: m for m in measure(_results(four), four)}
-    assert set(values) == {"lens_rank", "cka_diagonal", "activation_subspace", "error_alignment", "sign_flip", "jaccard", "value_cosine"}
-    assert values["lens_rank"].value == pytest.approx(3 / 10000) and values["lens_rank"].reference == pytest.approx(1 / 10000)
+    assert set(values) == {
+        "lens_rank",
+        "cka_diagonal",
+        "activation_subspace",
+        "error_alignment",
+        "sign_flip",
+        "jaccard",
+        "value_cosine",
+    }
+    assert values["lens_rank"].value == pytest.approx(3 / 10000) and values["lens_rank"].reference == pytest.approx(
+        1 / 10000
+    )
     assert values["cka_diagonal"].value == pytest.approx(0.9)
     assert values["activation_subspace"].value == pytest.approx((0.75 - 0.1) / 0.9)  # chance k/d = 0.1 taken out
     assert values["sign_flip"].value == pytest.approx(0.1) and values["sign_flip"].reference == 0.0
@@ -268,17 +313,26 @@ def test_4_bit_like_evidence_is_degradation_and_2_bit_like_is_collapse():
         {"repair": "kurtosis", "average_bits": 4.1, "failure": 0.1, "robust": 0.95},  # +2.5 pts: not enough
     ]
     four = _setting("rtn-w4", 4, cka=0.9, flips=0.1, half=5, repairs=repairs)
-    two = _setting("rtn-w2", 2, cka=0.2, flips=0.4, half=0, repairs=[{**row, "failure": 0.0, "robust": 0.0} for row in repairs])
-    injection = {"rtn": {"low": "rtn-w2", "highs": ["reference"], "accuracy": [[0.0, 0.0, 0.2, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0]]}}
+    two = _setting(
+        "rtn-w2", 2, cka=0.2, flips=0.4, half=0, repairs=[{**row, "failure": 0.0, "robust": 0.0} for row in repairs]
+    )
+    injection = {
+        "rtn": {"low": "rtn-w2", "highs": ["reference"], "accuracy": [[0.0, 0.0, 0.2, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0]]}
+    }
     results = _results(four, two, injection=injection)
     good, bad = verdict_of(results, four), verdict_of(results, two)
     assert good["verdict"] == DEGRADATION and good["first_damaged_block"] == 5 and good["damage_evidence"] == "domino"
-    assert good["recommendation"]["repair"]["repair"] == "early" and "early protection" in good["recommendation"]["text"]
+    assert (
+        good["recommendation"]["repair"]["repair"] == "early" and "early protection" in good["recommendation"]["text"]
+    )
     assert bad["verdict"] == COLLAPSE and bad["confidence_level"] == "high" and bad["first_damaged_block"] == 0
     assert "failed" in bad["recommendation"]["text"] and "blocks 0-2" in bad["recommendation"]["text"]
     assert injection_blocks(results, two) == 3 and injection_blocks(results, four) is None
     rows = {row["name"]: row for row in bad["signatures"]}
-    assert rows["cka_diagonal"]["vote"] == COLLAPSE and rows["cka_diagonal"]["threshold"] == BY_NAME["cka_diagonal"].threshold
+    assert (
+        rows["cka_diagonal"]["vote"] == COLLAPSE
+        and rows["cka_diagonal"]["threshold"] == BY_NAME["cka_diagonal"].threshold
+    )
 
 
 def test_where_the_damage_starts_without_a_domino_test():

@@ -182,7 +182,11 @@ def diagnose(
     else:
         for model in diagnosis.models:
             verdict = model["verdict"]
-            confidence = "" if verdict["confidence"] is None else f" ({verdict['confidence_level']} confidence, {verdict['confidence']:.2f})"
+            confidence = (
+                ""
+                if verdict["confidence"] is None
+                else f" ({verdict['confidence_level']} confidence, {verdict['confidence']:.2f})"
+            )
             print(f"{model['label']}: {verdict['title']}{confidence}. {verdict['recommendation']['text']}")
         print(f"report: {diagnosis.report.resolve()}")
     raise typer.Exit(diagnosis.exit_code)

@@ -34,8 +34,20 @@ DEFAULT_RANK = 32
 #: Optional analyses beyond recall and the logit lens.
 ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs")
 PRESETS: dict[str, dict] = {
-    "quick": {"facts_per_relation": 6, "robustness_facts": 40, "max_paraphrases": 2, "analyses": ("components", "representations"), "patch_prompts": 4},
-    "full": {"facts_per_relation": 15, "robustness_facts": 60, "max_paraphrases": 3, "analyses": ANALYSES, "patch_prompts": 8},
+    "quick": {
+        "facts_per_relation": 6,
+        "robustness_facts": 40,
+        "max_paraphrases": 2,
+        "analyses": ("components", "representations"),
+        "patch_prompts": 4,
+    },
+    "full": {
+        "facts_per_relation": 15,
+        "robustness_facts": 60,
+        "max_paraphrases": 3,
+        "analyses": ANALYSES,
+        "patch_prompts": 8,
+    },
 }
 #: What a run folder holds: ``out`` may be one (a rerun resumes) and, unless forced, nothing else.
 RUN_FILES = ("config.json", "results.json", "arrays.npz", "report.html")
@@ -109,7 +121,9 @@ class RunConfig:
     )
     eora_rank: int = option(DEFAULT_RANK, "rank of the EoRA compensation", "rank")
     streams: tuple[str, ...] = option(
-        KINDS, f"what patching and ablation write, comma-separated: {', '.join(KINDS)} (residual, MLP output, attention output)"
+        KINDS,
+        f"what patching and ablation write, comma-separated: {', '.join(KINDS)} (residual, MLP output, attention "
+        "output)",
     )
     window: int = option(1, "layers patched together for MLP and attention outputs (ROME's window)")
     batch_size: int = option(64, "prompts per forward pass")
@@ -132,7 +146,9 @@ class RunConfig:
             if getattr(config, name) is not None and getattr(config, name) <= 0:
                 raise QuantdiagError(f"{name.replace('_', '-')} must be positive")
         if config.methods and config.subset_bits not in config.bits:
-            raise QuantdiagError(f"the subsets need {config.subset_bits}-bit settings: add {config.subset_bits} to --bits")
+            raise QuantdiagError(
+                f"the subsets need {config.subset_bits}-bit settings: add {config.subset_bits} to --bits"
+            )
         unknown = [a for a in config.analyses if a not in ANALYSES]
         if unknown:
             raise QuantdiagError(f"unknown analysis {', '.join(unknown)} (choose from {', '.join(ANALYSES)}, or none)")
@@ -142,7 +158,9 @@ class RunConfig:
         for option_name in ("causal_bits", "sensitivity_bits", "repair_bits"):
             missing = sorted(set(getattr(config, option_name) or ()) - set(config.bits))
             if missing:
-                raise QuantdiagError(f"--{option_name.replace('_', '-')} {', '.join(map(str, missing))} not among --bits")
+                raise QuantdiagError(
+                    f"--{option_name.replace('_', '-')} {', '.join(map(str, missing))} not among --bits"
+                )
         if not config.alphas or any(a < 0 for a in config.alphas):
             raise QuantdiagError("--alphas must be non-negative numbers")
         return config
@@ -155,7 +173,9 @@ class RunConfig:
             raise QuantdiagError("no bit widths given")
 
     def repair_options(self) -> RepairOptions:
-        return RepairOptions(self.protect_blocks, self.kurtosis_budget, tuple(sorted(self.alphas)), self.eora_rank, self.seed)
+        return RepairOptions(
+            self.protect_blocks, self.kurtosis_budget, tuple(sorted(self.alphas)), self.eora_rank, self.seed
+        )
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -36,6 +36,8 @@ class Diagnosis:
 def diagnose(config: RunConfig) -> Diagnosis:
     """Run the diagnosis of ``config`` (which names what to compare) and collect the verdicts."""
     if not config.compare and not config.methods:
-        raise QuantdiagError("nothing to diagnose: give --compare PATH (a GPTQ or AWQ folder, a GGUF file or a float checkpoint)")
+        raise QuantdiagError(
+            "nothing to diagnose: give --compare PATH (a GPTQ or AWQ folder, a GGUF file or a float checkpoint)"
+        )
     result = run(config)
     return Diagnosis(result.report, result.verdicts)

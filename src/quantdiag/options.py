@@ -125,7 +125,9 @@ def _numbers(text: str, what: str, kind: Callable[[str], T]) -> tuple[T, ...]:
     try:
         return tuple(kind(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise QuantdiagError(f"{what} must be comma-separated {'integers' if kind is int else 'numbers'}, not '{text}'") from None
+        raise QuantdiagError(
+            f"{what} must be comma-separated {'integers' if kind is int else 'numbers'}, not '{text}'"
+        ) from None
 
 
 def _count(text: str, what: str) -> int:

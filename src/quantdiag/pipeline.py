@@ -129,7 +129,9 @@ def method_subsets(reference: Evaluated, evaluated: list[Evaluated], bits: int) 
     """Per method, the rows of its Robust and Failure subsets (defined by its ``bits`` setting; a
     checkpoint's by itself)."""
     return {
-        item.spec.method: subsets(reference.scores.correct, item.scores.correct) for item in evaluated if item.spec.defines_subsets(bits)
+        item.spec.method: subsets(reference.scores.correct, item.scores.correct)
+        for item in evaluated
+        if item.spec.defines_subsets(bits)
     }
 
 
@@ -164,7 +166,9 @@ def component_effects(context: RunContext, reference: Evaluated) -> dict[str, np
     return context.run_dir.cached("components", context.stage_key(settings, rows.tolist()), compute) | {"rows": rows}
 
 
-def representation_effects(context: RunContext, groups: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+def representation_effects(
+    context: RunContext, groups: dict[str, dict[str, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
     """Setting -> representation arrays (``representations.representation_arrays``) on every
     prompt of each non-empty subset of its method; the reference gets its own CKA on every
     method's subsets. Each setting is a resumable stage."""
@@ -197,14 +201,20 @@ def _subset_stages(
             continue
         rows = {name: chosen[name].tolist() for name in names}
         subset_prompts = {name: [context.prompts.primary[i] for i in picked] for name, picked in rows.items()}
-        arrays = context.run_dir.cached(f"{stage}-{setting}", context.stage_key(setting, rows, *key_parts), partial(analysis, setting, subset_prompts))
+        arrays = context.run_dir.cached(
+            f"{stage}-{setting}",
+            context.stage_key(setting, rows, *key_parts),
+            partial(analysis, setting, subset_prompts),
+        )
         effects[setting] = arrays | {f"{name}/rows": np.array(picked) for name, picked in rows.items()}
     return effects
 
 
 def _targets(subsets: list[str], specs: list[ComparedSpec]) -> list[tuple[str, list[str]]]:
     """(setting, subsets it is measured on): the reference on all, each setting on its method's."""
-    return [(REFERENCE, subsets)] + [(spec.key, [name for name in subsets if name.startswith(f"{spec.method}:")]) for spec in specs]
+    return [(REFERENCE, subsets)] + [
+        (spec.key, [name for name in subsets if name.startswith(f"{spec.method}:")]) for spec in specs
+    ]
 
 
 def sensitivity_effects(
@@ -250,16 +260,22 @@ def repair_effects(
     protects = {spec.key: protect_setting(spec) for spec in specs}
     for protect in filter(None, map(protect_spec, specs)):
         bank.ensure(protect)
-    bank.ensure_eora([key for spec in specs for key in (spec.key, protects[spec.key]) if key != REFERENCE], options.rank)
+    bank.ensure_eora(
+        [key for spec in specs for key in (spec.key, protects[spec.key]) if key != REFERENCE], options.rank
+    )
     tables = {}
     for spec in specs:
         named, protect = groups[spec.method], protects[spec.key]
         domino = sensitivity.get(spec.key, {}).get("domino")
-        blocks = protected_blocks(loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks)
+        blocks = protected_blocks(
+            loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks
+        )
         rows = {name: named[name].tolist() for name in ("failure", "robust")}
         key = context.stage_key(_repair_reads(spec.key, protect, options.rank), rows, asdict(options), blocks)
         failure, robust = ([context.prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
-        compute = partial(repair_arrays, loaded, bank, spec.key, protect, failure, robust, blocks, options, config.batch_size)
+        compute = partial(
+            repair_arrays, loaded, bank, spec.key, protect, failure, robust, blocks, options, config.batch_size
+        )
         tables[spec.key] = context.run_dir.cached(f"repairs-{spec.key}", key, compute)
     return tables
 
@@ -270,7 +286,9 @@ def _repair_reads(setting: str, protect: str, rank: int) -> list[str]:
     return [setting, protect] + [eora_key(s, rank) for s in (setting, protect) if s != REFERENCE]
 
 
-def _arrays(reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact], analyses: Analyses) -> dict[str, np.ndarray]:
+def _arrays(
+    reference: Evaluated, evaluated: list[Evaluated], facts: list[Fact], analyses: Analyses
+) -> dict[str, np.ndarray]:
     """Per-prompt arrays of every setting, ``{setting}/{field}``; per setting the arrays of each
     analysis, ``{setting}/{analysis}/...``; ``components/...``, ``injection/{method}/...``; and
     each prompt's relation."""

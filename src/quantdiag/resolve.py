@@ -43,12 +43,16 @@ def resolve(config: RunConfig) -> Resolved:
 
 def compared_specs(config: RunConfig) -> list[ComparedSpec]:
     """Every compared setting: each (method, bits), methods first, then the checkpoints."""
-    quantized = [QuantSpec(method, bits, config.group_size, config.sym) for method in config.methods for bits in config.bits]
+    quantized = [
+        QuantSpec(method, bits, config.group_size, config.sym) for method in config.methods for bits in config.bits
+    ]
     checkpoints = [inspect_checkpoint(path) for path in config.compare]
     names = [spec.method for spec in checkpoints]
     clash = sorted({name for name in names if names.count(name) > 1 or name in config.methods})
     if clash:
-        raise QuantdiagError(f"two compared models would share the name {clash[0]}: rename a checkpoint's file or folder")
+        raise QuantdiagError(
+            f"two compared models would share the name {clash[0]}: rename a checkpoint's file or folder"
+        )
     return quantized + checkpoints
 
 

@@ -57,11 +57,21 @@ def build_results(
         "calibration": None if context.bank.calibration is None else context.bank.calibration.describe(),
         "subsets": _subsets(config, evaluated, groups),
         "causal": _causal_options(config) if analyses.causal else None,
-        "representations": {"streams": list(STREAMS), "positions": list(POSITIONS), "subspace_stream": SUBSPACE_STREAM, "energy": ENERGY}
+        "representations": {
+            "streams": list(STREAMS),
+            "positions": list(POSITIONS),
+            "subspace_stream": SUBSPACE_STREAM,
+            "energy": ENERGY,
+        }
         if analyses.representations
         else None,
         "injection": {method: injection_summary(values) for method, values in analyses.injection.items()} or None,
-        "repairs": {"rank": config.eora_rank, "budget": config.kurtosis_budget, "alphas": list(config.repair_options().alphas), "repairs": list(REPAIRS)}
+        "repairs": {
+            "rank": config.eora_rank,
+            "budget": config.kurtosis_budget,
+            "alphas": list(config.repair_options().alphas),
+            "repairs": list(REPAIRS),
+        }
         if analyses.repairs
         else None,
         "settings": settings,

@@ -158,7 +158,10 @@ def atomic_file(path: Path) -> Iterator[Path]:
         error.filename = error.filename or str(path)  # a failed write() names no file: name the target
         raise
     except (SafetensorError, RuntimeError) as error:
-        raise _os_error(error, path) or error
+        behind = _os_error(error, path)
+        if behind is None:
+            raise
+        raise behind from error
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -285,8 +288,6 @@ def _fsync(path: Path) -> None:
 def _size(path: Path) -> int:
     files = path.rglob("*") if path.is_dir() else [path]
     return sum(file.stat().st_size for file in files if file.is_file())
-
-
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,7 +20,9 @@ from quantdiag.model.probes import capture
 
 
 @torch.inference_mode()
-def amplified_correct(loaded: LoadedModel, prompts: Sequence[Prompt], alphas: Sequence[float], batch_size: int) -> np.ndarray:
+def amplified_correct(
+    loaded: LoadedModel, prompts: Sequence[Prompt], alphas: Sequence[float], batch_size: int
+) -> np.ndarray:
     """Whether each prompt is answered correctly with each ``alpha`` (alphas x prompts), with
     the weights currently in the model. Lens logits are formed one layer at a time, keeping only
     the lowest-entropy layer's, so memory is one vocabulary row per prompt."""

@@ -61,13 +61,22 @@ def causal_arrays(
     batches = {name: _batches(loaded, prompts, batch_size) for name, prompts in subsets.items()}
     sweeps = plan.sweeps(setting)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    references = {name: [trace(loaded.adapter, b.ids, b.targets, plan.kinds) for b in items] for name, items in batches.items()}
+    references = {
+        name: [trace(loaded.adapter, b.ids, b.targets, plan.kinds) for b in items] for name, items in batches.items()
+    }
     bank.apply(PrecisionPlan.uniform(setting))
     arrays: dict[str, np.ndarray] = {}
-    progress = tqdm(total=sum(len(items) for items in batches.values()) * len(sweeps), desc=f"causal {setting}", unit="sweep", leave=False)
+    progress = tqdm(
+        total=sum(len(items) for items in batches.values()) * len(sweeps),
+        desc=f"causal {setting}",
+        unit="sweep",
+        leave=False,
+    )
     with progress:
         for name, prompts in subsets.items():
-            arrays |= _subset_arrays(loaded, name, prompts, batches[name], references[name], setting, sweeps, plan, progress)
+            arrays |= _subset_arrays(
+                loaded, name, prompts, batches[name], references[name], setting, sweeps, plan, progress
+            )
     return arrays
 
 
@@ -84,7 +93,10 @@ def _subset_arrays(
 ) -> dict[str, np.ndarray]:
     """One subset's arrays (see :func:`causal_arrays`)."""
     n_layers, width = loaded.adapter.n_layers, max((len(p.ids) for p in prompts), default=0)
-    out = {f"{name}/{analysis}/{sweep.kind}": np.full((len(prompts), n_layers, width), np.nan) for analysis, sweep in sweeps}
+    out = {
+        f"{name}/{analysis}/{sweep.kind}": np.full((len(prompts), n_layers, width), np.nan)
+        for analysis, sweep in sweeps
+    }
     out[f"{name}/groups"] = np.full((len(prompts), width), -1, dtype=np.int64)
     out[f"{name}/p_model"], out[f"{name}/p_reference"] = np.empty(len(prompts)), np.empty(len(prompts))
     for batch, reference in zip(batches, references):
@@ -107,7 +119,10 @@ def _batches(loaded: LoadedModel, prompts: Sequence[Prompt], batch_size: int) ->
     """Equal-length batches of ``prompts`` on the model's device."""
     device = loaded.device
     return [
-        _Batch(rows, torch.tensor([prompts[i].ids for i in rows], device=device), torch.tensor([prompts[i].target for i in rows], device=device))
+        _Batch(
+            rows,
+            torch.tensor([prompts[i].ids for i in rows], device=device),
+            torch.tensor([prompts[i].target for i in rows], device=device),
+        )
         for rows in length_batches(prompts, batch_size)
     ]
-

@@ -71,16 +71,24 @@ def _activations(loaded: LoadedModel, ids: torch.Tensor, subject: torch.Tensor) 
         return torch.stack([probs[rows, :, subject], probs[:, :, -1]], 1)
 
     with (
-        capture(loaded.adapter, [f"blocks.{l}.attn_probs" for l in layers], select=attention_rows) as attention,
-        capture(loaded.adapter, [f"blocks.{l}.{site}" for l in layers for site in ffn.values()], select=lambda t: t[rows, subject]) as at_subject,
+        capture(loaded.adapter, [f"blocks.{layer}.attn_probs" for layer in layers], select=attention_rows) as attention,
+        capture(
+            loaded.adapter,
+            [f"blocks.{layer}.{site}" for layer in layers for site in ffn.values()],
+            select=lambda t: t[rows, subject],
+        ) as at_subject,
     ):
         loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     def stacked(store: dict[str, torch.Tensor], site: str) -> torch.Tensor:
-        return torch.stack([store[f"blocks.{l}.{site}"].float() for l in layers], 1)
+        return torch.stack([store[f"blocks.{layer}.{site}"].float() for layer in layers], 1)
 
     both = stacked(attention, "attn_probs")
-    return {"attn_subject": both[:, :, 0], "attn_last": both[:, :, 1], **{name: stacked(at_subject, site) for name, site in ffn.items()}}
+    return {
+        "attn_subject": both[:, :, 0],
+        "attn_last": both[:, :, 1],
+        **{name: stacked(at_subject, site) for name, site in ffn.items()},
+    }
 
 
 def _own(acts: dict[str, torch.Tensor], subject: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
@@ -133,4 +141,8 @@ def component_curves(arrays: dict[str, np.ndarray], setting: str, rows: np.ndarr
     if len(rows) == 0:
         return None
     at = np.searchsorted(arrays["rows"], rows)
-    return {key.removeprefix(f"{setting}/"): as_json(mean_over_prompts(arrays[key][at])) for key in arrays if key.startswith(f"{setting}/")}
+    return {
+        key.removeprefix(f"{setting}/"): as_json(mean_over_prompts(arrays[key][at]))
+        for key in arrays
+        if key.startswith(f"{setting}/")
+    }

@@ -47,7 +47,9 @@ def _grouped_mean(grid: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.
     return mean_over_prompts(cells), ~np.isnan(cells[:, 0, :])
 
 
-def restoration(grid: np.ndarray, groups: np.ndarray, p_model: np.ndarray, p_reference: np.ndarray) -> dict[str, np.ndarray]:
+def restoration(
+    grid: np.ndarray, groups: np.ndarray, p_model: np.ndarray, p_reference: np.ndarray
+) -> dict[str, np.ndarray]:
     """Patching heatmaps (layers x groups): mean p(target) after patching and restoration."""
     mean_prob, present = _grouped_mean(grid, groups)
     base, top = _masked_mean(p_model, present), _masked_mean(p_reference, present)
@@ -108,12 +110,22 @@ def subset_summary(arrays: dict[str, np.ndarray], subset: str) -> dict:
     """``results.json``'s causal entry of one subset: clean probabilities, and per kind the
     grouped heatmaps (layers x groups, ``None`` where a group is absent or undefined)."""
     groups, p_model, p_reference = (arrays[f"{subset}/{name}"] for name in ("groups", "p_model", "p_reference"))
-    summary: dict = {"prompts": len(p_model), "p_model": float(p_model.mean()), "p_reference": float(p_reference.mean())}
+    summary: dict = {
+        "prompts": len(p_model),
+        "p_model": float(p_model.mean()),
+        "p_reference": float(p_reference.mean()),
+    }
     for analysis in ("patching", "ablation"):
         prefix = f"{subset}/{analysis}/"
         for key in sorted(k for k in arrays if k.startswith(prefix)):
-            maps = restoration(arrays[key], groups, p_model, p_reference) if analysis == "patching" else drop(arrays[key], groups, p_model)
-            summary.setdefault(analysis, {})[key.removeprefix(prefix)] = {name: as_json(cells) for name, cells in maps.items()}
+            maps = (
+                restoration(arrays[key], groups, p_model, p_reference)
+                if analysis == "patching"
+                else drop(arrays[key], groups, p_model)
+            )
+            summary.setdefault(analysis, {})[key.removeprefix(prefix)] = {
+                name: as_json(cells) for name, cells in maps.items()
+            }
     return summary
 
 

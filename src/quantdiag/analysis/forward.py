@@ -42,7 +42,13 @@ class Scores:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> Scores:
-        return cls(**{k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix) and "/" not in k.removeprefix(prefix)})
+        return cls(
+            **{
+                k.removeprefix(prefix): v
+                for k, v in arrays.items()
+                if k.startswith(prefix) and "/" not in k.removeprefix(prefix)
+            }
+        )
 
 
 def target_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +65,9 @@ def length_batches(prompts: Sequence[Prompt], batch_size: int) -> list[list[int]
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, prompt in enumerate(prompts):
         by_length[len(prompt.ids)].append(index)
-    return [group[i : i + batch_size] for _, group in sorted(by_length.items()) for i in range(0, len(group), batch_size)]
+    return [
+        group[i : i + batch_size] for _, group in sorted(by_length.items()) for i in range(0, len(group), batch_size)
+    ]
 
 
 @torch.inference_mode()

@@ -69,7 +69,9 @@ class Trace:
 
 
 @torch.inference_mode()
-def trace(adapter: Adapter, ids: torch.Tensor, targets: torch.Tensor, kinds: Sequence[str] = tuple(KIND_SITES)) -> Trace:
+def trace(
+    adapter: Adapter, ids: torch.Tensor, targets: torch.Tensor, kinds: Sequence[str] = tuple(KIND_SITES)
+) -> Trace:
     """One clean forward of ``ids`` (prompts x tokens, equal lengths), keeping the MLP and
     attention outputs only for those of ``kinds`` (the residual is always kept)."""
     outputs = [Sweep(kind) for kind in kinds if kind != "resid"]
@@ -102,7 +104,9 @@ def sweep_probs(
     pairs = max(1, max_tokens // (adapter.n_layers * length))
     for first in range(0, batch * length, pairs):
         prompts, tokens = prompt_of[first : first + pairs], token_of[first : first + pairs]
-        out[prompts, :, tokens] = _all_layers(adapter, own, kwargs, sweep, values, prompts, tokens, targets[prompts]).to(device)
+        out[prompts, :, tokens] = _all_layers(
+            adapter, own, kwargs, sweep, values, prompts, tokens, targets[prompts]
+        ).to(device)
     return out
 
 
@@ -127,14 +131,20 @@ def _all_layers(
         for layer in (layer for layer in range(n_layers) if sweep.start(layer, n_layers) == block):
             state = own.stack.states[block][prompts.to(own.stack.states[block].device)]  # a copy
             if sweep.kind == "resid":
-                state[pair_rows.to(state.device), tokens.to(state.device)] = _at(values[layer], prompts, tokens).to(state)
+                state[pair_rows.to(state.device), tokens.to(state.device)] = _at(values[layer], prompts, tokens).to(
+                    state
+                )
             hidden = state if hidden is None else torch.cat([hidden.to(state.device), state])
             joined.append(layer)
         if block == n_layers or hidden is None:
             continue
         # residual patches were written when they joined; MLP and attention patches are written
         # at every block of their window, for the row groups whose window holds this block
-        groups = [] if sweep.kind == "resid" else [g for g, layer in enumerate(joined) if block in sweep.layers(layer, n_layers)]
+        groups = (
+            []
+            if sweep.kind == "resid"
+            else [g for g, layer in enumerate(joined) if block in sweep.layers(layer, n_layers)]
+        )
         edits = {}
         if groups:
             rows = torch.cat([pair_rows + g * n_pairs for g in groups])
@@ -154,7 +164,9 @@ def _at(tensor: torch.Tensor, prompts: torch.Tensor, tokens: torch.Tensor) -> to
     return tensor[prompts.to(tensor.device), tokens.to(tensor.device)]
 
 
-def _writer(rows: torch.Tensor, tokens: torch.Tensor, value: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _writer(
+    rows: torch.Tensor, tokens: torch.Tensor, value: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A site function writing ``value[i]`` (zeros if None) at ``[rows[i], tokens[i]]``."""
 
     def write(old: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,14 @@ from quantdiag.analysis.forward import Scores
 from quantdiag.data.facts import Fact
 
 #: Histogram buckets of the answer's rank (inclusive bounds).
-RANK_BUCKETS = (("1", 1, 1), ("2-5", 2, 5), ("6-10", 6, 10), ("11-100", 11, 100), ("101-1000", 101, 1000), (">1000", 1001, None))
+RANK_BUCKETS = (
+    ("1", 1, 1),
+    ("2-5", 2, 5),
+    ("6-10", 6, 10),
+    ("11-100", 11, 100),
+    ("101-1000", 101, 1000),
+    (">1000", 1001, None),
+)
 
 
 def rank_histogram(ranks: np.ndarray) -> dict[str, int]:
@@ -53,7 +60,9 @@ def recall_summary(
     correct = scores.correct
     return {
         "accuracy": float(correct.mean()),
-        "robustness_accuracy": None if robust_scores is None else robustness_accuracy(robust_scores.correct, fact_of_robust_prompt),
+        "robustness_accuracy": None
+        if robust_scores is None
+        else robustness_accuracy(robust_scores.correct, fact_of_robust_prompt),
         "mean_target_prob": float(scores.target_prob.mean()),
         "median_rank": float(np.median(scores.target_rank)),
         "rank_histogram": rank_histogram(scores.target_rank),

@@ -150,7 +150,12 @@ def repair_summary(arrays: dict[str, np.ndarray]) -> dict:
         "dev_accuracy": as_json(arrays["dev_accuracy"]),
         "test_prompts": len(arrays["test"]),
         "rows": [
-            {"repair": name, "average_bits": round(float(bits), 4), "failure": accuracy(arrays[f"{name}/failure"]), "robust": accuracy(arrays[f"{name}/robust"])}
+            {
+                "repair": name,
+                "average_bits": round(float(bits), 4),
+                "failure": accuracy(arrays[f"{name}/failure"]),
+                "robust": accuracy(arrays[f"{name}/robust"]),
+            }
             for name, bits in zip(REPAIRS, arrays["bits"])
         ],
     }

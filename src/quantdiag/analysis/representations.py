@@ -54,7 +54,11 @@ def representation_arrays(
         for index, (subset, prompts) in enumerate(subset_prompts.items()):
             here = Path(folder) / str(index)
             reference = _spill(loaded, bank, REFERENCE, prompts, batch_size, here / "reference")
-            compared = reference if setting == REFERENCE else _spill(loaded, bank, setting, prompts, batch_size, here / "compared")
+            compared = (
+                reference
+                if setting == REFERENCE
+                else _spill(loaded, bank, setting, prompts, batch_size, here / "compared")
+            )
             out |= {f"{subset}/{key}": value for key, value in _compare(reference, compared, loaded.device).items()}
             shutil.rmtree(here)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
@@ -68,14 +72,22 @@ def _spill(
     adapter = loaded.adapter
     width = loaded.model.config.hidden_size
     spilled = {(s, p): LayerRows(folder / f"{s}-{p}", adapter.n_layers, width) for s in STREAMS for p in POSITIONS}
-    sites = {stream: [f"blocks.{l}.{site}" for l in range(adapter.n_layers)] for stream, site in KIND_SITES.items()}
+    sites = {
+        stream: [f"blocks.{layer}.{site}" for layer in range(adapter.n_layers)] for stream, site in KIND_SITES.items()
+    }
     bank.apply(PrecisionPlan.uniform(setting))
     # Rows go to disk in batch order; it is the same for every model, so rows stay aligned.
-    for batch in tqdm(length_batches(prompts, batch_size), desc=f"representations {setting}", unit="batch", leave=False):
+    for batch in tqdm(
+        length_batches(prompts, batch_size), desc=f"representations {setting}", unit="batch", leave=False
+    ):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         subject = torch.tensor([prompts[i].last_subject for i in batch], device=loaded.device)
         rows = torch.arange(len(batch), device=loaded.device)
-        with capture(adapter, sum(sites.values(), []), select=lambda t: torch.stack([t[rows, subject], t[:, -1]], 1)) as store:
+        with capture(
+            adapter,
+            sum(sites.values(), []),
+            select=lambda t, rows=rows, subject=subject: torch.stack([t[rows, subject], t[:, -1]], 1),
+        ) as store:
             loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         for stream, names in sites.items():
             both = torch.stack([store[name].float().cpu() for name in names], 2).numpy()  # batch, 2, layers, d

@@ -29,7 +29,9 @@ INJECTION_LOW_BITS = 2
 INJECTION_HIGH_BITS = (8, 4)
 
 
-def correct_under(loaded: LoadedModel, bank: WeightBank, plan: PrecisionPlan, prompts: Sequence[Prompt], batch_size: int) -> np.ndarray:
+def correct_under(
+    loaded: LoadedModel, bank: WeightBank, plan: PrecisionPlan, prompts: Sequence[Prompt], batch_size: int
+) -> np.ndarray:
     """Which prompts the model answers correctly with ``plan`` applied."""
     bank.apply(plan)
     return score_prompts(loaded, prompts, batch_size, desc="plan").correct
@@ -43,7 +45,12 @@ def sensitivity_arrays(
     (``component/<group>``, prompts)."""
     domino, single = block_sweeps(loaded, bank, setting, prompts, batch_size)
     groups = tqdm(COMPONENT_GROUPS, desc=f"components {setting}", unit="plan", leave=False)
-    components = {f"component/{g}": correct_under(loaded, bank, component_plan(loaded.adapter.arch, setting, g), prompts, batch_size) for g in groups}
+    components = {
+        f"component/{g}": correct_under(
+            loaded, bank, component_plan(loaded.adapter.arch, setting, g), prompts, batch_size
+        )
+        for g in groups
+    }
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     return {"domino": domino, "single": single, **components}
 
@@ -58,7 +65,9 @@ def block_sweeps(
     both go on through the reference blocks above k (about half the work of full forwards)."""
     adapter, layers = loaded.adapter, loaded.adapter.n_layers
     correct = {test: np.zeros((layers, len(prompts)), dtype=bool) for test in ("domino", "single")}
-    for batch in tqdm(length_batches(prompts, batch_size), desc=f"domino and single blocks {setting}", unit="batch", leave=False):
+    for batch in tqdm(
+        length_batches(prompts, batch_size), desc=f"domino and single blocks {setting}", unit="batch", leave=False
+    ):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         targets = torch.tensor([prompts[i].target for i in batch])
         bank.apply(PrecisionPlan.uniform(REFERENCE))
@@ -67,10 +76,15 @@ def block_sweeps(
         quantized = trace_stack(adapter, ids)
         for k in range(layers):
             bank.apply(blocks_plan(setting, k, k + 1))
-            starts = {"domino": quantized.states[k + 1], "single": run_block(adapter.blocks[k], reference.states[k], reference.kwargs[k])}
+            starts = {
+                "domino": quantized.states[k + 1],
+                "single": run_block(adapter.blocks[k], reference.states[k], reference.kwargs[k]),
+            }
             for test, hidden in starts.items():
                 for layer in range(k + 1, layers):
-                    hidden = run_block(adapter.blocks[layer], hidden.to(reference.states[layer].device), reference.kwargs[layer])
+                    hidden = run_block(
+                        adapter.blocks[layer], hidden.to(reference.states[layer].device), reference.kwargs[layer]
+                    )
                 correct[test][k, batch] = (adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets).numpy()
     return correct["domino"], correct["single"]
 
@@ -107,7 +121,9 @@ def injection_arrays(
             for k in range(layers + 1):
                 last, hidden = [state[:, -1] for state in traced.states[1 : k + 1]], traced.states[k]
                 for layer in range(k, layers):
-                    hidden = run_block(adapter.blocks[layer], hidden.to(traced.states[layer].device), traced.kwargs[layer])
+                    hidden = run_block(
+                        adapter.blocks[layer], hidden.to(traced.states[layer].device), traced.kwargs[layer]
+                    )
                     last.append(hidden[:, -1])
                 residuals = torch.stack([state.float().cpu() for state in last])
                 cosine[h, k] += F.cosine_similarity(residuals, reference, dim=-1).sum(-1).numpy()
@@ -132,7 +148,11 @@ def sensitivity_summary(arrays: dict[str, np.ndarray]) -> dict:
     failure = arrays["failure"].astype(bool)
 
     def accuracy(correct: np.ndarray) -> dict:
-        means = {name: correct[..., rows].mean(-1) for name, rows in (("robust", ~failure), ("failure", failure)) if rows.any()}
+        means = {
+            name: correct[..., rows].mean(-1)
+            for name, rows in (("robust", ~failure), ("failure", failure))
+            if rows.any()
+        }
         return {name: as_json(mean) if mean.ndim else round(float(mean), 6) for name, mean in means.items()}
 
     groups = [key.removeprefix("component/") for key in arrays if key.startswith("component/")]

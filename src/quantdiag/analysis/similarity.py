@@ -49,7 +49,7 @@ def _centred_grams(rows: LayerRows, a: int, b: int, block: int, device: torch.de
         values = torch.from_numpy(rows.block(layer, start, start + block)).to(device)
         return values - torch.from_numpy(rows.mean(layer)).to(device, values.dtype)
 
-    return torch.stack([(centred(l, a) @ centred(l, b).T).flatten() for l in range(rows.layers)]).double()
+    return torch.stack([(centred(layer, a) @ centred(layer, b).T).flatten() for layer in range(rows.layers)]).double()
 
 
 def covering_k(eigenvalues: torch.Tensor, energy: float = ENERGY) -> int:
@@ -66,7 +66,12 @@ def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def subspace_stats(
-    x: LayerRows, y: LayerRows, layer: int, device: torch.device | str = "cpu", energy: float = ENERGY, block: int = BLOCK
+    x: LayerRows,
+    y: LayerRows,
+    layer: int,
+    device: torch.device | str = "cpu",
+    energy: float = ENERGY,
+    block: int = BLOCK,
 ) -> tuple[float, float, int]:
     """At ``layer``: similarity of y's top-k activation directions with x's, similarity of the
     error's (y - x) top-k directions with x's, and k (the smallest covering ``energy`` of x's)."""

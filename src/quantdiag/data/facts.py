@@ -82,7 +82,9 @@ def load_pararel(relations: list[str] | None, per_relation: int | None, seed: in
         raise QuantdiagError(f"unknown relation id {', '.join(unknown)} (ParaRel has {', '.join(known)})")
     facts: list[Fact] = []
     for relation in chosen:
-        rows = [json.loads(line) for line in (_PARAREL / "facts" / f"{relation}.jsonl").read_text().splitlines() if line]
+        rows = [
+            json.loads(line) for line in (_PARAREL / "facts" / f"{relation}.jsonl").read_text().splitlines() if line
+        ]
         if per_relation is not None and per_relation < len(rows):
             rows = random.Random(f"{seed}-{relation}").sample(rows, per_relation)
         template = primary_template(relation)

@@ -58,6 +58,7 @@ def check_supported(family: str | None, source: str) -> None:
         supported = ", ".join(SUPPORTED_FAMILIES)
         raise QuantdiagError(f"{source}: architecture '{family}' is not supported (supported: {supported})")
 
+
 _SITE = re.compile(r"^blocks\.(\d+)\.(resid_post|attn_out|mlp_out|mlp\.gate_pre|mlp\.act|attn_probs)$")
 
 

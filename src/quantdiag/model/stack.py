@@ -57,14 +57,21 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tor
     return out[0] if isinstance(out, tuple) else out
 
 
-def calibration_inputs(adapter: Adapter, ids: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[list[dict]]]:
+def calibration_inputs(
+    adapter: Adapter, ids: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[dict]]]:
     """Hidden states entering block 0 per calibration batch, and the keyword arguments (masks,
     rotary embeddings) of every block per batch, indexed ``[layer][batch]``: what block-by-block
     calibration (GPTQ, EoRA) starts from. Per-block kwargs matter for Gemma2, whose
     sliding-window layers get a mask of their own."""
     device = adapter.model.get_input_embeddings().weight.device
-    traces = [trace_stack(adapter, ids[i : i + batch_size].to(device), all_states=False) for i in range(0, len(ids), batch_size)]
-    return [trace.states[0] for trace in traces], [[trace.kwargs[layer] for trace in traces] for layer in range(adapter.n_layers)]
+    traces = [
+        trace_stack(adapter, ids[i : i + batch_size].to(device), all_states=False)
+        for i in range(0, len(ids), batch_size)
+    ]
+    return [trace.states[0] for trace in traces], [
+        [trace.kwargs[layer] for trace in traces] for layer in range(adapter.n_layers)
+    ]
 
 
 def run_block_batches(block: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:

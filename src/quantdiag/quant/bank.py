@@ -18,10 +18,19 @@ from torch import nn
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, checkpoint_weights
+from quantdiag.quant.eora import eora_weights
 from quantdiag.quant.gptq import gptq_dequantized
 from quantdiag.quant.rtn import rtn_dequantized
-from quantdiag.quant.eora import eora_weights
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, average_bits, effective_group_size, eora_key, is_checkpoint, split_eora
+from quantdiag.quant.spec import (
+    REFERENCE,
+    PrecisionPlan,
+    QuantSpec,
+    average_bits,
+    effective_group_size,
+    eora_key,
+    is_checkpoint,
+    split_eora,
+)
 from quantdiag.storage import UNREADABLE, atomic_file, cache_key, cache_root, entry_lock, load_or_build, read_entry
 
 log = logging.getLogger(__name__)

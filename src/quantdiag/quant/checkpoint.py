@@ -77,7 +77,9 @@ def inspect_checkpoint(source: str) -> CheckpointSpec:
     version = content_hash(*sorted((p.name, file_digest(p)) for p in _files(path)), length=8)  # by content
     if path.is_file():
         if path.suffix != ".gguf":
-            raise QuantdiagError(f"checkpoint {source} is a file but not .gguf: give a GGUF file or a Hugging Face folder")
+            raise QuantdiagError(
+                f"checkpoint {source} is a file but not .gguf: give a GGUF file or a Hugging Face folder"
+            )
         reader = gguf_reader(path)
         check_supported(gguf_family(path, reader), source)
         return CheckpointSpec(str(path), "gguf", _gguf_bits(path, reader), path.stem, version)
@@ -90,7 +92,9 @@ def inspect_checkpoint(source: str) -> CheckpointSpec:
         return CheckpointSpec(str(path), "float", REFERENCE_BITS, path.name, version)
     method = str(quantization.get("quant_method", "")).lower() if isinstance(quantization, dict) else ""
     if method not in ("gptq", "awq"):
-        raise QuantdiagError(f"checkpoint {source} is quantized with '{method}': quantdiag reads GPTQ, AWQ, GGUF and float checkpoints")
+        raise QuantdiagError(
+            f"checkpoint {source} is quantized with '{method}': quantdiag reads GPTQ, AWQ, GGUF and float checkpoints"
+        )
     return CheckpointSpec(str(path), method, _quantized_bits(quantization, source), path.name, version, quantization)
 
 
@@ -118,7 +122,12 @@ def _gguf_bits(path: Path, reader: GGUFReader) -> float:
     return round(8 * sum(int(t.n_bytes) for t in matrices) / sum(int(t.n_elements) for t in matrices), 4)
 
 
-def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+def checkpoint_weights(
+    spec: CheckpointSpec,
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    shapes: Mapping[str, tuple[int, int]],
+) -> dict[str, torch.Tensor]:
     """The checkpoint's float weight of every linear in ``shapes`` (module name -> shape of the
     reference's), after checking that architecture, shapes and tokenizer match the reference's."""
     folder = converted_gguf(Path(spec.path)) if spec.kind == "gguf" else Path(spec.path)
@@ -131,7 +140,10 @@ def checkpoint_weights(spec: CheckpointSpec, config: PretrainedConfig, tokenizer
         weights = {name: _read(tensors, f"{name}.weight", spec).float() for name in shapes}
     for name, shape in shapes.items():
         if tuple(weights[name].shape) != tuple(shape):
-            raise QuantdiagError(f"checkpoint {spec.name}: {name} has shape {tuple(weights[name].shape)}, the reference's is {tuple(shape)}")
+            raise QuantdiagError(
+                f"checkpoint {spec.name}: {name} has shape {tuple(weights[name].shape)}, the reference's is "
+                f"{tuple(shape)}"
+            )
     return weights
 
 
@@ -141,7 +153,8 @@ def _check_architecture(spec: CheckpointSpec, folder: Path, config: PretrainedCo
     for key in ("model_type", "num_hidden_layers", "hidden_size"):
         if theirs.get(key) != getattr(config, key, None):
             raise QuantdiagError(
-                f"checkpoint {spec.name} does not match the reference: {key} is {theirs.get(key)}, the reference's is {getattr(config, key, None)}"
+                f"checkpoint {spec.name} does not match the reference: {key} is {theirs.get(key)}, the reference's is "
+                f"{getattr(config, key, None)}"
             )
 
 
@@ -154,7 +167,10 @@ def _check_tokenizer(spec: CheckpointSpec, folder: Path, tokenizer: PreTrainedTo
     except (OSError, ValueError) as exc:
         raise QuantdiagError(f"checkpoint {spec.name}: cannot read its tokenizer ({exc})") from exc
     if theirs.get_vocab() != tokenizer.get_vocab():
-        raise QuantdiagError(f"checkpoint {spec.name} has a different tokenizer from the reference's ({len(theirs)} vs {len(tokenizer)} tokens)")
+        raise QuantdiagError(
+            f"checkpoint {spec.name} has a different tokenizer from the reference's ({len(theirs)} vs "
+            f"{len(tokenizer)} tokens)"
+        )
 
 
 def _open_tensors(folder: Path) -> Readers:
@@ -184,17 +200,24 @@ def _dequantized(spec: CheckpointSpec, name: str, shape: tuple[int, int], tensor
     packed = {part: _read(tensors, f"{name}.{part}", spec) for part in _PACKED}
     groups = -(-shape[1] // group_size)
     if tuple(packed["scales"].shape) != (groups, shape[0]):
-        raise QuantdiagError(f"checkpoint {spec.name}: {name} has scales of shape {tuple(packed['scales'].shape)}, the reference's layer needs {(groups, shape[0])}")
+        raise QuantdiagError(
+            f"checkpoint {spec.name}: {name} has scales of shape {tuple(packed['scales'].shape)}, the reference's "
+            f"layer needs {(groups, shape[0])}"
+        )
     if spec.kind == "awq":
         from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
         return dequantize_gemm(packed["qweight"], packed["qzeros"], packed["scales"], spec.bits, group_size).T.float()
     g_idx = f"{name}.g_idx"
-    packed["g_idx"] = _read(tensors, g_idx, spec) if g_idx in tensors else torch.arange(shape[1], dtype=torch.int32) // group_size
+    packed["g_idx"] = (
+        _read(tensors, g_idx, spec) if g_idx in tensors else torch.arange(shape[1], dtype=torch.int32) // group_size
+    )
     return _gptq_dequantized(spec, packed, shape, group_size)
 
 
-def _gptq_dequantized(spec: CheckpointSpec, packed: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int) -> torch.Tensor:
+def _gptq_dequantized(
+    spec: CheckpointSpec, packed: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int
+) -> torch.Tensor:
     """GPTQModel's torch kernel, given the checkpoint's buffers; v1 checkpoints (zeros stored
     minus one, GPTQ's original format) are converted to the v2 the kernel computes with."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
@@ -203,7 +226,15 @@ def _gptq_dequantized(spec: CheckpointSpec, packed: dict[str, torch.Tensor], sha
 
     quantization = spec.quantization or {}
     sym, desc_act = bool(quantization.get("sym", True)), bool(quantization.get("desc_act", False))
-    module = TorchLinear(bits=spec.bits, group_size=group_size, sym=sym, desc_act=desc_act, in_features=shape[1], out_features=shape[0], register_buffers=True)
+    module = TorchLinear(
+        bits=spec.bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        in_features=shape[1],
+        out_features=shape[0],
+        register_buffers=True,
+    )
     for part, tensor in packed.items():
         getattr(module, part).data = tensor
     if quantization.get("checkpoint_format", quantization.get("format", "gptq")) == "gptq":

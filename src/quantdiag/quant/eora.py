@@ -38,7 +38,9 @@ def _eigenbasis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return eigenvalues.clamp_min(_FLOOR * eigenvalues.max().clamp_min(1e-30)).sqrt(), basis
 
 
-def _factors(delta: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(
+    delta: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(delta.float() @ basis * scale, full_matrices=False)
     return u[:, :rank] * s[:rank], (vh[:rank] / scale) @ basis.T
 
@@ -59,7 +61,9 @@ def eora_weights(
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"EoRA rank {rank}", unit="block")):
         linears = {kind: block.get_submodule(path) for kind, path in adapter.arch.linears}
         # The true-sequential groups (q/k/v, o, gate/up, down) are the linears sharing an input.
-        covariances = _input_covariances(block, hidden, kwargs[layer], {group: linears[group[0]] for group in adapter.arch.sequential})
+        covariances = _input_covariances(
+            block, hidden, kwargs[layer], {group: linears[group[0]] for group in adapter.arch.sequential}
+        )
         for group, covariance in covariances.items():
             scale, basis = _eigenbasis(covariance)
             for kind in group:
@@ -74,7 +78,10 @@ def eora_weights(
 
 def _input_covariances(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict) -> dict:
     """``X^T X`` (float64) of each given linear's inputs over every calibration batch."""
-    sums = {key: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device) for key, m in linears.items()}
+    sums = {
+        key: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+        for key, m in linears.items()
+    }
 
     def accumulate(key):
         def hook(_module, args):

@@ -25,7 +25,9 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def gptq_dequantized(adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8) -> dict[str, torch.Tensor]:
+def gptq_dequantized(
+    adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
     """GPTQ-quantize every block linear and return the dequantized weights (CPU, model dtype).
 
     The model's weights are the same before and after the call.
@@ -67,7 +69,9 @@ def _solver(solver_class, config_class, linear: nn.Linear, spec: QuantSpec):
     return solver
 
 
-def _feed(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict[str, nn.Linear], solvers: dict) -> None:
+def _feed(
+    block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict[str, nn.Linear], solvers: dict
+) -> None:
     """Run the block on every batch, sending each solver its linear's inputs; a forward stops as
     soon as every linear of the group has run (the rest of the block is not needed)."""
     fed: set[str] = set()

@@ -1,6 +1,6 @@
 """The plans of the sensitivity maps and the repairs (docs/methods.md, Sensitivity and Repairs):
-which blocks or which kind of linear take which setting. Every experiment swaps weights quantized once; nothing is quantized
-again."""
+which blocks or which kind of linear take which setting. Every experiment swaps weights quantized
+once; nothing is quantized again."""
 
 from __future__ import annotations
 

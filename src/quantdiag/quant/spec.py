@@ -133,7 +133,9 @@ class PrecisionPlan:
         def lift(setting: str) -> str:
             return setting if setting == REFERENCE else eora_key(setting, rank)
 
-        return PrecisionPlan(lift(self.default), tuple(replace(rule, setting=lift(rule.setting)) for rule in self.rules))
+        return PrecisionPlan(
+            lift(self.default), tuple(replace(rule, setting=lift(rule.setting)) for rule in self.rules)
+        )
 
     def setting_for(self, name: str, layer: int) -> str:
         setting = self.default

@@ -38,7 +38,10 @@ def causal_sections(results: dict) -> Iterator[Section]:
             for analysis in METRICS:
                 drawn = heatmaps(results, method, subset, analysis)
                 if drawn:
-                    title = f"{'Cross-model patching' if analysis == 'patching' else 'Zero ablation'}, {method.upper()}, {subset.capitalize()} subset"
+                    title = (
+                        f"{'Cross-model patching' if analysis == 'patching' else 'Zero ablation'}, "
+                        f"{method.upper()}, {subset.capitalize()} subset"
+                    )
                     yield (f"causal-{analysis}-{method}-{subset}", title, *drawn)
         drawn = token_view(results, method)
         if drawn:
@@ -59,13 +62,23 @@ def heatmaps(results: dict, method: str, subset: str, analysis: str) -> tuple[Fi
         return None
     metric, label, definition, cmap, (low, high) = METRICS[analysis]
     kinds = [kind for kind in KIND_LABELS if kind in columns[0]["causal"][key][analysis]]
-    fig, axes = plt.subplots(len(kinds), len(columns), figsize=(1.2 + 3.0 * len(columns), 0.9 + 2.1 * len(kinds)), squeeze=False, sharex=True, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        len(kinds),
+        len(columns),
+        figsize=(1.2 + 3.0 * len(columns), 0.9 + 2.1 * len(kinds)),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
+    )
     readings = []
     for row, kind in enumerate(kinds):
         for col, setting in enumerate(columns):
             cells = from_json(setting["causal"][key][analysis][kind][metric])
             ax = axes[row, col]
-            image = ax.imshow(np.clip(cells.T, low, high), aspect="auto", cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+            image = ax.imshow(
+                np.clip(cells.T, low, high), aspect="auto", cmap=cmap, vmin=low, vmax=high, interpolation="nearest"
+            )
             ax.set_title(f"{setting['label']} · {KIND_LABELS[kind]}", fontsize=9)
             ax.set_yticks(range(len(GROUPS)), GROUPS, fontsize=8)
             if row == len(kinds) - 1:
@@ -82,7 +95,9 @@ def _reading(label: str, kind: str, analysis: str, cells: np.ndarray) -> str:
     skip_last_from = 0.0 if analysis == "ablation" else COPY_DEPTH if kind == "resid" else 1.0
     spot = hotspot(cells, skip_last_from)
     if spot is None:
-        return f"{label}, {KIND_LABELS[kind]}: undefined (this model gives the answer nearly the reference's probability)."
+        return (
+            f"{label}, {KIND_LABELS[kind]}: undefined (this model gives the answer nearly the reference's probability)."
+        )
     where = f"{spot.group} token, layer {spot.layer}"
     if analysis == "patching":
         early = early_last_subject(cells)
@@ -102,14 +117,23 @@ def token_view(results: dict, method: str) -> tuple[Figure, list[str]] | None:
     token and layer, one panel per setting; only the last ``MAX_TOKENS`` tokens of a long prompt."""
     for subset in ("failure", "robust"):
         key = f"{method}:{subset}"
-        columns = [s for s in _columns(results, key, "patching") if s["method"] == method and "example" in s["causal"][key]]
+        columns = [
+            s for s in _columns(results, key, "patching") if s["method"] == method and "example" in s["causal"][key]
+        ]
         if columns:
             break
     else:
         return None
     example = columns[0]["causal"][key]["example"]
     tokens = example["tokens"][-MAX_TOKENS:]
-    fig, axes = plt.subplots(1, len(columns), figsize=(1.6 + 3.2 * len(columns), 1.2 + 0.28 * len(tokens)), squeeze=False, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(columns),
+        figsize=(1.6 + 3.2 * len(columns), 1.2 + 0.28 * len(tokens)),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     for ax, setting in zip(axes[0], columns):
         grid = from_json(setting["causal"][key]["example"]["restoration"])[:, -len(tokens) :]
         image = ax.imshow(np.clip(grid.T, 0, 1), aspect="auto", cmap="Purples", vmin=0, vmax=1, interpolation="nearest")

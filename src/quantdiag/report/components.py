@@ -27,7 +27,9 @@ def component_sections(results: dict) -> Iterator[Section]:
     instead where its Failure subset is empty."""
     for method in results["subsets"]:
         key, title = f"{method}:failure", f"Components, {method.upper()}, Failure subset"
-        rows = [s for s in results["settings"] if s["method"] in (None, method) and (s.get("components") or {}).get(key)]
+        rows = [
+            s for s in results["settings"] if s["method"] in (None, method) and (s.get("components") or {}).get(key)
+        ]
         if len(rows) > 1:
             yield (f"components-{method}", title, _figure(rows, key), _reading(rows, key))
         elif ran(results, "components") and not results["subsets"][method]["failure"]:
@@ -41,7 +43,11 @@ def _figure(settings: list[dict], key: str) -> Figure:
             curve = setting["components"][key].get(metric)
             if curve is None:
                 continue
-            style = {"color": REFERENCE_COLOR, "ls": "--", "zorder": 3} if setting["method"] is None else {"color": BITS_COLORS.get(setting["bits"])}
+            style = (
+                {"color": REFERENCE_COLOR, "ls": "--", "zorder": 3}
+                if setting["method"] is None
+                else {"color": BITS_COLORS.get(setting["bits"])}
+            )
             ax.plot(np.array(curve, dtype=float), label=setting["label"], **style)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -60,8 +66,13 @@ def _reading(settings: list[dict], key: str) -> str:
         return float(np.nanmean(np.array(setting["components"][key][metric], dtype=float)))
 
     parts = [
-        f"{s['label']}: sign flips {mean(s, 'sign_flip'):.0%}, Jaccard {mean(s, 'jaccard'):.2f}, value cosine {mean(s, 'value_cosine'):.2f}"
+        f"{s['label']}: sign flips {mean(s, 'sign_flip'):.0%}, Jaccard {mean(s, 'jaccard'):.2f}, value cosine "
+        f"{mean(s, 'value_cosine'):.2f}"
         for s in settings
         if s["method"] is not None
     ]
-    return "Mean over layers. " + "; ".join(parts) + " (paper's 2-bit signature: sign flips > 30%, Jaccard ~0.1, cosine ~0)."
+    return (
+        "Mean over layers. "
+        + "; ".join(parts)
+        + " (paper's 2-bit signature: sign flips > 30%, Jaccard ~0.1, cosine ~0)."
+    )

@@ -1,7 +1,8 @@
 """The self-contained ``report.html``: figures embedded as PNG (also saved as PNG and SVG in
-``figures/``), the verdict cards and their evidence first, then a summary table and the evidence with a one-line reading under each
-figure (a list of them under multi-panel causal figures). Every string is HTML-escaped and drawn
-without mathtext: names, labels and decoded tokens are the user's and the model's, not markup."""
+``figures/``), the verdict cards and their evidence first, then a summary table and the evidence
+with a one-line reading under each figure (a list of them under multi-panel causal figures). Every
+string is HTML-escaped and drawn without mathtext: names, labels and decoded tokens are the user's
+and the model's, not markup."""
 
 from __future__ import annotations
 
@@ -63,7 +64,12 @@ def _sections(results: dict) -> Iterator[Section]:
     yield ("cliff", "Performance cliff", plots.performance_cliff(results), cliff_reading(results))
     yield ("ranks", "Where the answer went", plots.rank_histograms(results), rank_reading(results))
     for method in results["subsets"]:
-        yield (f"lens-{method}", f"Logit lens, {method.upper()}", plots.lens_curves(results, method), lens_reading(results, method))
+        yield (
+            f"lens-{method}",
+            f"Logit lens, {method.upper()}",
+            plots.lens_curves(results, method),
+            lens_reading(results, method),
+        )
     yield from causal_sections(results)
     yield from component_sections(results)
     yield from representation_sections(results)

@@ -39,14 +39,25 @@ def performance_cliff(results: dict) -> Figure:
     reference = _reference(results)["recall"]
     ax.axhline(100 * reference["accuracy"], color=REFERENCE_COLOR, lw=1, label="reference (accuracy)")
     if reference["robustness_accuracy"] is not None:
-        ax.axhline(100 * reference["robustness_accuracy"], color=REFERENCE_COLOR, lw=1, ls="--", label="reference (robustness)")
+        ax.axhline(
+            100 * reference["robustness_accuracy"], color=REFERENCE_COLOR, lw=1, ls="--", label="reference (robustness)"
+        )
     for method, settings in _by_method(results).items():
         bits = [s["bits"] for s in settings]
         marker = METHOD_MARKERS.get(method, "o")
-        line = ax.plot(bits, [100 * s["recall"]["accuracy"] for s in settings], marker=marker, label=f"{method.upper()} accuracy")
+        line = ax.plot(
+            bits, [100 * s["recall"]["accuracy"] for s in settings], marker=marker, label=f"{method.upper()} accuracy"
+        )
         robust = [s["recall"]["robustness_accuracy"] for s in settings]
         if None not in robust:
-            ax.plot(bits, [100 * r for r in robust], marker=marker, ls="--", color=line[0].get_color(), label=f"{method.upper()} robustness")
+            ax.plot(
+                bits,
+                [100 * r for r in robust],
+                marker=marker,
+                ls="--",
+                color=line[0].get_color(),
+                label=f"{method.upper()} robustness",
+            )
     ax.set(xlabel="weight bits", ylabel="accuracy (%)", title="Performance cliff: factual recall vs bits")
     ax.invert_xaxis()
     ax.set_xticks(sorted({s["bits"] for s in results["settings"][1:]}))
@@ -68,7 +79,13 @@ def rank_histograms(results: dict) -> Figure:
         for i, setting in enumerate(rows):
             counts = np.array([setting["recall"]["rank_histogram"][label] for label in labels], dtype=float)
             color = REFERENCE_COLOR if setting["method"] is None else BITS_COLORS.get(setting["bits"])
-            ax.bar(np.arange(len(labels)) + i * width, 100 * counts / counts.sum(), width, label=setting["label"], color=color)
+            ax.bar(
+                np.arange(len(labels)) + i * width,
+                100 * counts / counts.sum(),
+                width,
+                label=setting["label"],
+                color=color,
+            )
         ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels)
         ax.set(xlabel="rank of the correct answer", ylabel="facts (%)", title=f"Answer rank, {method.upper()}")
         ax.legend(fontsize=8)
@@ -100,7 +117,9 @@ def lens_curves(results: dict, method: str) -> Figure:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         axes[0, 0].legend(handles, labels, fontsize=8)
-    fig.suptitle(f"Logit lens at the last token, {method.upper()} (subsets by {results['subsets'][method]['defined_by']})")
+    fig.suptitle(
+        f"Logit lens at the last token, {method.upper()} (subsets by {results['subsets'][method]['defined_by']})"
+    )
     return fig
 
 

@@ -39,15 +39,30 @@ def repair_table(settings: list[dict]) -> tuple[Figure, list[str]]:
     repairs = [row["repair"] for row in settings[0]["repairs"]["rows"]]
     fig, axes = plt.subplots(1, 2, figsize=(5 + 2.6 * len(settings), 1.4 + 0.5 * len(repairs)), layout="constrained")
     for ax, subset in zip(axes, ("failure", "robust")):
-        values = np.array([[_row(s, r)[subset] if _row(s, r)[subset] is not None else np.nan for s in settings] for r in repairs], dtype=float)
+        values = np.array(
+            [[_row(s, r)[subset] if _row(s, r)[subset] is not None else np.nan for s in settings] for r in repairs],
+            dtype=float,
+        )
         image = ax.imshow(100 * values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
         for (i, j), value in np.ndenumerate(values):
             bits = _row(settings[j], repairs[i])["average_bits"]
-            ax.text(j, i, f"{'–' if np.isnan(value) else f'{value:.0%}'}\n{bits:.2f} bits", ha="center", va="center", fontsize=7.5)
+            ax.text(
+                j,
+                i,
+                f"{'–' if np.isnan(value) else f'{value:.0%}'}\n{bits:.2f} bits",
+                ha="center",
+                va="center",
+                fontsize=7.5,
+            )
         ax.set_xticks(range(len(settings)), [s["label"] for s in settings], fontsize=8)
         ax.set_yticks(range(len(repairs)), [LABELS[r] for r in repairs], fontsize=8)
         prompts = settings[0]["repairs"]["test_prompts"] if subset == "failure" else None
-        ax.set_title("Failure subset, test split" + (f" ({prompts} prompts)" if prompts else "") if subset == "failure" else "Robust subset", fontsize=10)
+        ax.set_title(
+            "Failure subset, test split" + (f" ({prompts} prompts)" if prompts else "")
+            if subset == "failure"
+            else "Robust subset",
+            fontsize=10,
+        )
     fig.colorbar(image, ax=axes, label="accuracy (%)", shrink=0.8)
     fig.suptitle("Training-free repairs: accuracy and average bits (reference: 100% on both subsets)")
     return fig, [_reading(setting) for setting in settings]

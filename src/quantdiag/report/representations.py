@@ -29,7 +29,9 @@ def representation_sections(results: dict) -> Iterator[Section]:
     line instead where the Failure subset is empty or too small for CKA."""
     for method in results["subsets"]:
         key = f"{method}:failure"
-        columns = [s for s in results["settings"] if s["method"] in (None, method) and key in s.get("representations", {})]
+        columns = [
+            s for s in results["settings"] if s["method"] in (None, method) and key in s.get("representations", {})
+        ]
         prompts = results["subsets"][method]["failure"]
         title = f"Representation similarity per layer, {method.upper()}, Failure subset ({prompts} prompts)"
         if len(columns) < 2:
@@ -61,11 +63,20 @@ def _cka(setting: dict, key: str, stream: str, position: str) -> np.ndarray:
 def cka_heatmaps(columns: list[dict], key: str, position: str) -> tuple[Figure, list[str]]:
     """Rows: residual, attention and MLP output; columns: the reference against itself, then each
     setting against the reference; cell (i, j): CKA of reference layer i with layer j."""
-    fig, axes = plt.subplots(len(KIND_LABELS), len(columns), figsize=(1.4 + 2.6 * len(columns), 7.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        len(KIND_LABELS), len(columns), figsize=(1.4 + 2.6 * len(columns), 7.4), squeeze=False, layout="constrained"
+    )
     for row, (stream, label) in enumerate(KIND_LABELS.items()):
         for col, setting in enumerate(columns):
             ax = axes[row, col]
-            image = ax.imshow(_cka(setting, key, stream, position), cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest")
+            image = ax.imshow(
+                _cka(setting, key, stream, position),
+                cmap="magma",
+                vmin=0,
+                vmax=1,
+                origin="lower",
+                interpolation="nearest",
+            )
             ax.set_title(f"{setting['label']} · {label}", fontsize=9)
             ax.set_xlabel(f"{'reference' if setting['method'] is None else 'compared'} layer j", fontsize=8)
             ax.set_ylabel("reference layer i", fontsize=8)
@@ -98,7 +109,11 @@ def similarity_curves(columns: list[dict], key: str, with_cka: bool = True) -> t
                 ax.plot(np.diag(_cka(setting, key, stream, position)), ls=style, color=BITS_COLORS.get(setting["bits"]))
         ax.set_title(f"CKA diagonal, {label}", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
-    panels = {"activation": "activation-subspace similarity (residual)", "error": "error-subspace alignment (residual)", "k": "k: directions holding 90% of energy"}
+    panels = {
+        "activation": "activation-subspace similarity (residual)",
+        "error": "error-subspace alignment (residual)",
+        "k": "k: directions holding 90% of energy",
+    }
     for ax, (metric, title) in zip(axes[-1], panels.items()):
         for setting in compared if metric != "k" else compared[:1]:
             for position, style in POSITION_STYLES.items():
@@ -109,7 +124,9 @@ def similarity_curves(columns: list[dict], key: str, with_cka: bool = True) -> t
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=BITS_COLORS.get(s["bits"]), label=s["label"]) for s in compared]
-    handles += [plt.Line2D([], [], color="grey", ls=style, label=POSITION_LABELS[p]) for p, style in POSITION_STYLES.items()]
+    handles += [
+        plt.Line2D([], [], color="grey", ls=style, label=POSITION_LABELS[p]) for p, style in POSITION_STYLES.items()
+    ]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     fig.suptitle("Is the representation space still the reference's? (1 = same)")
     return fig, [_subspace_reading(setting, key, with_cka) for setting in compared]

@@ -22,11 +22,19 @@ def sensitivity_sections(results: dict) -> Iterator[Section]:
         settings = [s for s in results["settings"] if s["method"] == method and s.get("sensitivity")]
         if settings:
             yield (f"sensitivity-{method}", f"Where the damage starts, {method.upper()}", *sensitivity_curves(settings))
-            yield (f"components-table-{method}", f"Quantizing one component, {method.upper()}", *component_table(settings))
+            yield (
+                f"components-table-{method}",
+                f"Quantizing one component, {method.upper()}",
+                *component_table(settings),
+            )
         injection = (results.get("injection") or {}).get(method)
         if injection:
             labels = {s["key"]: s["label"] for s in results["settings"]}
-            yield (f"injection-{method}", f"Signal injection into {labels[injection['low']]}", *injection_figure(injection, labels))
+            yield (
+                f"injection-{method}",
+                f"Signal injection into {labels[injection['low']]}",
+                *injection_figure(injection, labels),
+            )
 
 
 def sensitivity_curves(settings: list[dict]) -> tuple[Figure, list[str]]:
@@ -39,7 +47,12 @@ def sensitivity_curves(settings: list[dict]) -> tuple[Figure, list[str]]:
             for setting in settings:
                 curve = setting["sensitivity"][test].get(subset)
                 if curve is not None:
-                    ax.plot(100 * np.array(curve, dtype=float), marker=".", color=BITS_COLORS.get(setting["bits"]), label=setting["label"])
+                    ax.plot(
+                        100 * np.array(curve, dtype=float),
+                        marker=".",
+                        color=BITS_COLORS.get(setting["bits"]),
+                        label=setting["label"],
+                    )
             ax.set_title(f"{subset.capitalize()} subset: {what}", fontsize=10)
             ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)
@@ -67,9 +80,13 @@ def _domino_reading(setting: dict) -> str:
 def component_table(settings: list[dict]) -> tuple[Figure, list[str]]:
     """The paper's Table 5 as annotated heatmaps: component groups x settings, per subset."""
     groups = list(settings[0]["sensitivity"]["components"])
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(settings), 0.9 + 0.42 * len(groups)), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2, figsize=(4 + 2.2 * len(settings), 0.9 + 0.42 * len(groups)), layout="constrained", squeeze=False
+    )
     for ax, subset in zip(axes[0], SUBSETS):
-        values = np.array([[s["sensitivity"]["components"][g].get(subset, np.nan) for s in settings] for g in groups], dtype=float)
+        values = np.array(
+            [[s["sensitivity"]["components"][g].get(subset, np.nan) for s in settings] for g in groups], dtype=float
+        )
         image = ax.imshow(100 * values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
         for (i, j), value in np.ndenumerate(values):
             ax.text(j, i, "–" if np.isnan(value) else f"{value:.0%}", ha="center", va="center", fontsize=8)
@@ -102,7 +119,9 @@ def injection_figure(injection: dict, labels: dict[str, str]) -> tuple[Figure, l
     number of leading blocks at high precision; columns: layer); last panel: accuracy vs k."""
     highs = injection["highs"]
     cosine, accuracy = from_json(injection["cosine"]), from_json(injection["accuracy"])
-    fig, axes = plt.subplots(1, len(highs) + 1, figsize=(3.6 * (len(highs) + 1), 3.8), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(highs) + 1, figsize=(3.6 * (len(highs) + 1), 3.8), layout="constrained", squeeze=False
+    )
     for ax, high, grid in zip(axes[0], highs, cosine):
         image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, origin="lower", aspect="auto")
         ax.set_title(f"blocks < k at {labels[high]}", fontsize=10)
@@ -112,7 +131,12 @@ def injection_figure(injection: dict, labels: dict[str, str]) -> tuple[Figure, l
     ax = axes[0, -1]
     for high, curve in zip(highs, accuracy):
         ax.plot(100 * curve, marker=".", label=labels[high])
-    ax.set(xlabel="k (leading blocks at high precision)", ylabel="accuracy (%)", title="Failure-subset accuracy", ylim=(-3, 103))
+    ax.set(
+        xlabel="k (leading blocks at high precision)",
+        ylabel="accuracy (%)",
+        title="Failure-subset accuracy",
+        ylim=(-3, 103),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"Signal injection: the rest at {labels[injection['low']]}")
@@ -121,5 +145,12 @@ def injection_figure(injection: dict, labels: dict[str, str]) -> tuple[Figure, l
 
 def _injection_reading(label: str, cosine: np.ndarray, accuracy: np.ndarray) -> str:
     half = np.flatnonzero(accuracy >= accuracy[-1] / 2)
-    reach = f"reaches half of its ceiling ({accuracy[-1]:.0%}) at k = {half[0]}" if accuracy[-1] > 0 and len(half) else "stays at 0"
-    return f"From {label}: last-layer cosine {cosine[0, -1]:.2f} at k = 0, {cosine[-1, -1]:.2f} with every block high; accuracy {reach}."
+    reach = (
+        f"reaches half of its ceiling ({accuracy[-1]:.0%}) at k = {half[0]}"
+        if accuracy[-1] > 0 and len(half)
+        else "stays at 0"
+    )
+    return (
+        f"From {label}: last-layer cosine {cosine[0, -1]:.2f} at k = 0, {cosine[-1, -1]:.2f} with every block "
+        f"high; accuracy {reach}."
+    )

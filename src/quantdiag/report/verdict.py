@@ -27,16 +27,22 @@ def verdict_cards(results: dict) -> list[dict]:
     for setting in results["settings"][1:]:
         verdict = setting["verdict"]
         by_name = {row["name"]: row for row in verdict["signatures"]}
+        collapse_votes = sum(row["vote"] == "collapse" for row in verdict["signatures"])
         cards.append(
             {
                 "label": setting["label"],
                 "verdict": verdict["verdict"],
                 "title": verdict["title"],
-                "confidence": "–" if verdict["confidence"] is None else f"{verdict['confidence_level']} ({verdict['confidence']:.2f})",
-                "accuracy": f"{verdict['accuracy']:.1%} vs {verdict['reference_accuracy']:.1%} ({verdict['retention']:.0%} kept)",
+                "confidence": "–"
+                if verdict["confidence"] is None
+                else f"{verdict['confidence_level']} ({verdict['confidence']:.2f})",
+                "accuracy": (
+                    f"{verdict['accuracy']:.1%} vs {verdict['reference_accuracy']:.1%} "
+                    f"({verdict['retention']:.0%} kept)"
+                ),
                 "bits": f"{setting['average_bits']:.2f}",
                 "where": _where(verdict),
-                "votes": f"{sum(row['vote'] == 'collapse' for row in verdict['signatures'])} of {len(verdict['signatures'])} signatures vote Collapse",
+                "votes": f"{collapse_votes} of {len(verdict['signatures'])} signatures vote Collapse",
                 "decisive": [_decisive_line(by_name[name]) for name in verdict["decisive"]],
                 "recommendation": verdict["recommendation"]["text"],
             }
@@ -46,7 +52,10 @@ def verdict_cards(results: dict) -> list[dict]:
 
 def _decisive_line(row: dict) -> str:
     side = BY_NAME[row["name"]].collapse_side
-    return f"{row['title']}: {format_value(row['name'], row['value'])} (collapse if {side} {format_value(row['name'], row['threshold'])})"
+    return (
+        f"{row['title']}: {format_value(row['name'], row['value'])} (collapse if {side} "
+        f"{format_value(row['name'], row['threshold'])})"
+    )
 
 
 def signature_table(results: dict) -> dict:
@@ -67,7 +76,9 @@ def signature_table(results: dict) -> dict:
                 "threshold": f"{signature.collapse_side} {format_value(signature.name, signature.threshold)}",
                 "reference": format_value(signature.name, reference),
                 "cells": [
-                    {"text": "not measured", "vote": "none"} if cell is None else {"text": format_value(signature.name, cell["value"]), "vote": cell["vote"]}
+                    {"text": "not measured", "vote": "none"}
+                    if cell is None
+                    else {"text": format_value(signature.name, cell["value"]), "vote": cell["vote"]}
                     for cell in cells
                 ],
             }

@@ -46,7 +46,9 @@ def measure(results: dict, setting: dict) -> list[Measured]:
     for name, read in READERS.items():
         pair = read(results, setting, key)
         if pair is not None and np.isfinite(pair[0]):
-            measured.append(Measured(name, round(float(pair[0]), 6), None if pair[1] is None else round(float(pair[1]), 6)))
+            measured.append(
+                Measured(name, round(float(pair[0]), 6), None if pair[1] is None else round(float(pair[1]), 6))
+            )
     return measured
 
 
@@ -61,7 +63,9 @@ def _lens_rank(results: dict, setting: dict, key: str):
     if curve is None:
         return None
     vocabulary = results["model"]["vocab_size"]
-    return min(curve["median_rank"]) / vocabulary, None if reference is None else min(reference["median_rank"]) / vocabulary
+    return min(curve["median_rank"]) / vocabulary, None if reference is None else min(
+        reference["median_rank"]
+    ) / vocabulary
 
 
 def _patching(results: dict, setting: dict, key: str):

@@ -9,7 +9,9 @@ from quantdiag.verdict.rules import COLLAPSE, DEGRADATION, HEALTHY
 from quantdiag.verdict.thresholds import INJECTION_RECOVERY, REPAIR_GAIN
 
 RETRAIN = "retraining-based methods (QAT, or fine-tuning the quantized model)"
-MORE_EVIDENCE = "quantdiag patch RUN --analyses components,representations, quantdiag sensitivity RUN and quantdiag repair RUN"
+MORE_EVIDENCE = (
+    "quantdiag patch RUN --analyses components,representations, quantdiag sensitivity RUN and quantdiag repair RUN"
+)
 
 
 def repair_outcomes(results: dict, setting: dict) -> list[dict]:
@@ -44,13 +46,20 @@ def recommend(results: dict, setting: dict, label: str, retention: float, block:
     best ``repair`` row when repairs ran."""
     outcomes = [row for row in repair_outcomes(results, setting) if row["repair"] != "baseline"]
     if label == HEALTHY:
-        text = f"Use it: it keeps {retention:.0%} of the reference's accuracy at {setting['average_bits']:.2f} average bits."
+        text = (
+            f"Use it: it keeps {retention:.0%} of the reference's accuracy at {setting['average_bits']:.2f} "
+            "average bits."
+        )
         return {"action": "use", "text": text, "repair": None}
     if label == DEGRADATION:
         return _degradation(outcomes)
     if label == COLLAPSE:
         return _collapse(results, setting, outcomes, block)
-    return {"action": "investigate", "text": f"The evidence is split or thin: add analyses ({MORE_EVIDENCE}).", "repair": None}
+    return {
+        "action": "investigate",
+        "text": f"The evidence is split or thin: add analyses ({MORE_EVIDENCE}).",
+        "repair": None,
+    }
 
 
 def _degradation(outcomes: list[dict]) -> dict:
@@ -59,8 +68,10 @@ def _degradation(outcomes: list[dict]) -> dict:
     if worked:
         row = worked[0]
         text = (
-            f"Apply {REPAIR_NAMES[row['repair']]}: the cheapest repair that worked here. At {row['average_bits']:.2f} average "
-            f"bits it brings back {row['failure']:.0%} of the Failure subset ({100 * row['gain']:+.1f} pts on the facts the reference knows)."
+            f"Apply {REPAIR_NAMES[row['repair']]}: the cheapest repair that worked here. At {row['average_bits']:.2f} "
+            "average "
+            f"bits it brings back {row['failure']:.0%} of the Failure subset ({100 * row['gain']:+.1f} pts on the "
+            "facts the reference knows)."
         )
         return {"action": "repair", "text": text, "repair": row}
     if outcomes:
@@ -70,7 +81,10 @@ def _degradation(outcomes: list[dict]) -> dict:
             f"{100 * best['gain']:+.1f} pts). The computation still works: try more bits or a stronger quantizer."
         )
         return {"action": "repair", "text": text, "repair": best}
-    text = "The computation still works, so targeted, training-free repairs should help: quantdiag repair RUN finds the cheapest."
+    text = (
+        "The computation still works, so targeted, training-free repairs should help: quantdiag repair RUN finds "
+        "the cheapest."
+    )
     return {"action": "repair", "text": text, "repair": None}
 
 
@@ -83,8 +97,15 @@ def _collapse(results: dict, setting: dict, outcomes: list[dict], block: int | N
             f"{best['average_bits']:.2f} bits) brings back {best['failure']:.0%} of the Failure subset."
         )
     else:
-        best, failed = None, "Training-free repairs were not tried in this run; they fail on collapsed models in the paper."
-    return {"action": "retrain", "text": f"{failed} Use {RETRAIN}, or {_more_bits(results, setting, block)}.", "repair": best}
+        best, failed = (
+            None,
+            "Training-free repairs were not tried in this run; they fail on collapsed models in the paper.",
+        )
+    return {
+        "action": "retrain",
+        "text": f"{failed} Use {RETRAIN}, or {_more_bits(results, setting, block)}.",
+        "repair": best,
+    }
 
 
 def _more_bits(results: dict, setting: dict, block: int | None) -> str:
@@ -92,7 +113,14 @@ def _more_bits(results: dict, setting: dict, block: int | None) -> str:
     damaged block."""
     needed = injection_blocks(results, setting)
     if not needed:
-        return "more bits in the early blocks" if block is None else f"more bits in blocks 0-{block}, where the damage starts"
+        return (
+            "more bits in the early blocks"
+            if block is None
+            else f"more bits in blocks 0-{block}, where the damage starts"
+        )
     if needed < results["model"]["n_layers"]:
-        return f"more bits in blocks 0-{needed - 1} (at reference precision they bring back {INJECTION_RECOVERY:.0%} of the Failure subset)"
+        return (
+            f"more bits in blocks 0-{needed - 1} (at reference precision they bring back {INJECTION_RECOVERY:.0%} "
+            "of the Failure subset)"
+        )
     return "more bits throughout: no shorter run of leading blocks at reference precision brought the answers back"

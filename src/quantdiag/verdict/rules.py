@@ -22,7 +22,12 @@ from quantdiag.verdict.thresholds import (
 )
 
 HEALTHY, DEGRADATION, COLLAPSE, INCONCLUSIVE = "healthy", "degradation", "collapse", "inconclusive"
-TITLES = {HEALTHY: "Healthy", DEGRADATION: "Signal Degradation", COLLAPSE: "Computation Collapse", INCONCLUSIVE: "Inconclusive"}
+TITLES = {
+    HEALTHY: "Healthy",
+    DEGRADATION: "Signal Degradation",
+    COLLAPSE: "Computation Collapse",
+    INCONCLUSIVE: "Inconclusive",
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def _confidence(agreeing: int, total: int) -> float:
 
 
 def confidence_level(confidence: float | None) -> str | None:
-    """"high", "medium" or "low" (``CONFIDENCE_LEVELS``); ``None`` for Inconclusive."""
+    """ "high", "medium" or "low" (``CONFIDENCE_LEVELS``); ``None`` for Inconclusive."""
     if confidence is None:
         return None
     return next(level for bound, level in CONFIDENCE_LEVELS if confidence >= bound)

@@ -74,8 +74,7 @@ SIGNATURES: tuple[Signature, ...] = (
         "mean CKA of each layer with the reference's same layer (residual, last subject token)",
         0.6,
         "below",
-        "4-bit models keep the diagonal near 1; 2-bit heatmaps go dark after the first layers "
-        "(about 0.3 on SmolLM2).",
+        "4-bit models keep the diagonal near 1; 2-bit heatmaps go dark after the first layers (about 0.3 on SmolLM2).",
     ),
     Signature(
         "activation_subspace",
@@ -138,8 +137,7 @@ SIGNATURES: tuple[Signature, ...] = (
         "best Failure-subset accuracy reached by any repair",
         0.1,
         "below",
-        "The paper's repairs bring back a large share of a 4-bit model's Failure subset and none "
-        "of a 2-bit model's.",
+        "The paper's repairs bring back a large share of a 4-bit model's Failure subset and none of a 2-bit model's.",
     ),
 )
 BY_NAME = {signature.name: signature for signature in SIGNATURES}
