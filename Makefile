@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/patching.py
 	$(BIN)/python benchmarks/components_memory.py
 	$(BIN)/python benchmarks/plans.py
+	$(BIN)/python benchmarks/fingerprint.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
