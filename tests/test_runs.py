@@ -1,3 +1,4 @@
+import hashlib
 import json
 import logging
 import os
@@ -250,3 +251,31 @@ def test_a_stage_run_on_another_device_kind_is_another_stage(llama, monkeypatch)
     on_cpu = context.stage_key(REFERENCE)
     monkeypatch.setattr(LoadedModel, "device", property(lambda self: torch.device("cuda")))
     assert context.stage_key(REFERENCE) != on_cpu
+
+
+def test_a_folder_s_fingerprint_is_its_files_sha256(tmp_path):
+    """Loaded from a folder holding every weight, the fingerprint hashes the files' bytes (read
+    once, then cached), not the tensors in memory."""
+    loaded, folder = tiny_model("llama"), tmp_path / "model"
+    loaded.model.save_pretrained(folder)
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    config = loaded.model.config.to_diff_dict()
+    expected = storage.content_hash(config, str(loaded.model.dtype), [["model.safetensors", digest]])
+    assert weights_fingerprint(loaded.adapter, folder) == expected
+
+
+def test_a_hub_model_is_fingerprinted_from_its_snapshot_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from quantdiag.model.load import hub_snapshot
+
+    def snapshot(repo_id, local_files_only):
+        assert local_files_only  # never a download
+        if repo_id != "org/tiny":
+            raise LocalEntryNotFoundError("not cached")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert hub_snapshot("org/tiny") == tmp_path
+    assert hub_snapshot("org/other") is None

@@ -99,8 +99,20 @@ def load_reference(
         raise QuantdiagError(f"cannot load model '{source}': {first_line(exc)}") from exc
     model.eval().requires_grad_(False)
     adapter = Adapter(model)
-    local = Path(folder) if Path(folder).is_dir() else None
+    local = Path(folder) if Path(folder).is_dir() else hub_snapshot(folder)
     return LoadedModel(_display_name(source), model, tokenizer, adapter, weights_fingerprint(adapter, local))
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local folder of a hub model that ``from_pretrained`` has just fetched (its files hash
+    once, like a folder's), or ``None`` where the hub cache does not hold it whole."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
 
 
 def weights_fingerprint(adapter: Adapter, folder: Path | None = None) -> str:
