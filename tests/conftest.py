@@ -7,6 +7,7 @@ import copy
 import json
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,28 @@ def tiny_model(family: str, layers: int = 4, seed: int = 0) -> LoadedModel:
     model = transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     adapter = Adapter(model)
     return LoadedModel(f"tiny-{family}", model, tiny_tokenizer(), adapter, weights_fingerprint(adapter))
+
+
+def answer_in_words(loaded: LoadedModel) -> None:
+    """Make a tiny model answer with words: its head writes only tokens that start with a space
+    and hold two characters more, four times sharper (so facts built from its answers are known)."""
+    tokens = loaded.tokenizer.convert_ids_to_tokens(list(range(len(loaded.tokenizer))))
+    words = torch.tensor([token.startswith("Ġ") and len(token) > 2 for token in tokens])
+    head = loaded.model.get_output_embeddings().weight
+    head.data[~words] = 0
+    head.data[words] *= 4
+
+
+def save_noisy(source: Path, target: Path, scale: float, seed: int, chosen=lambda name: "layers" in name) -> None:
+    """A float checkpoint in ``target``: the model in ``source`` plus Gaussian noise of ``scale``
+    times each chosen 2-D weight's standard deviation, with the tiny tokenizer."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in model.named_parameters():
+        if weight.ndim == 2 and chosen(name):
+            weight.data += scale * weight.data.std() * torch.randn(weight.shape, generator=generator)
+    model.save_pretrained(target)
+    tiny_tokenizer().save_pretrained(target)
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -25,7 +25,7 @@ from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.checkpoint import inspect_checkpoint
 from quantdiag.quant.spec import PrecisionPlan
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import answer_in_words, save_noisy, tiny_model, tiny_tokenizer
 
 GROUP = 32
 
@@ -37,12 +37,7 @@ def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("diagnose")
     loaded = tiny_model("llama")
     tokenizer = loaded.tokenizer
-    head = loaded.model.get_output_embeddings().weight
-    words = torch.tensor(
-        [t.startswith("Ġ") and len(t) > 2 for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
-    )
-    head.data[~words] = 0
-    head.data[words] *= 4
+    answer_in_words(loaded)
     facts = load_pararel(["P19", "P36", "P37", "P103", "P106"], 30, 0)
     prompts = [tokenize(tokenizer, fact, i) for i, fact in enumerate(facts)]
     rows = []
@@ -59,13 +54,7 @@ def reference(tmp_path_factory):
 def _noisy(reference, name: str, scale: float, chosen) -> str:
     """A float checkpoint: the reference plus Gaussian noise of ``scale`` times each chosen
     weight's standard deviation."""
-    model = AutoModelForCausalLM.from_pretrained(reference / "reference")
-    generator = torch.Generator().manual_seed(1)
-    for weight_name, weight in model.named_parameters():
-        if weight.ndim == 2 and chosen(weight_name):
-            weight.data += scale * weight.data.std() * torch.randn(weight.shape, generator=generator)
-    model.save_pretrained(reference / name)
-    tiny_tokenizer().save_pretrained(reference / name)
+    save_noisy(reference / "reference", reference / name, scale, 1, chosen)
     return str(reference / name)
 
 

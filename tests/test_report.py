@@ -15,8 +15,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from quantdiag.analysis.forward import score_prompts
 from quantdiag.config import RunConfig
@@ -26,7 +24,7 @@ from quantdiag.pipeline import run
 from quantdiag.report.html import _save, write_report
 from quantdiag.runs import RunDir
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import answer_in_words, save_noisy, tiny_model
 
 #: Checkpoint name -> (noise scale, seed): a copy, a little noise, much noise.
 CHECKPOINTS = {"zero": (0.0, 1), "one": (0.3, 1), "two": (3.0, 2)}
@@ -35,13 +33,7 @@ PAYLOADS = ("<script>window.__pwned=1</script>", "<img src=x onerror=window.__pw
 
 def _noisy(folder: Path, name: str, scale: float, seed: int) -> LoadedModel:
     """A float checkpoint: the reference plus Gaussian noise in every block linear, loaded."""
-    model = AutoModelForCausalLM.from_pretrained(folder / "reference")
-    generator = torch.Generator().manual_seed(seed)
-    for weight_name, weight in model.named_parameters():
-        if weight.ndim == 2 and "layers" in weight_name:
-            weight.data += scale * weight.data.std() * torch.randn(weight.shape, generator=generator)
-    model.save_pretrained(folder / name)
-    tiny_tokenizer().save_pretrained(folder / name)
+    save_noisy(folder / "reference", folder / name, scale, seed)
     return load_reference(str(folder / name), "cpu", "auto", False)
 
 
@@ -51,12 +43,7 @@ def subsets_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("report")
     loaded = tiny_model("llama", layers=2)
     tokenizer = loaded.tokenizer
-    head = loaded.model.get_output_embeddings().weight
-    words = torch.tensor(
-        [t.startswith("Ġ") and len(t) > 2 for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
-    )
-    head.data[~words] = 0
-    head.data[words] *= 4
+    answer_in_words(loaded)
     loaded.model.save_pretrained(folder / "reference")
     tokenizer.save_pretrained(folder / "reference")
     models = {name: _noisy(folder, name, *noise) for name, noise in CHECKPOINTS.items()}

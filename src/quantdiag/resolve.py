@@ -126,12 +126,8 @@ def check_writable(out: Path, force: bool = False) -> None:
 def _foreign_entries(out: Path) -> list[str]:
     """What in ``out`` a quantdiag run does not write, by name (folders with a slash); without a
     run's config.json, every entry but a killed write's temporary file is foreign."""
-    is_run = _is_run_config(out / "config.json")
-    return sorted(
-        _describe(entry)
-        for entry in out.iterdir()
-        if not (_is_run_entry(entry) if is_run else _RUN_TEMPORARY.match(entry.name))
-    )
+    own = _is_run_entry if _is_run_config(out / "config.json") else lambda entry: _RUN_TEMPORARY.match(entry.name)
+    return sorted(_describe(entry) for entry in out.iterdir() if not own(entry))
 
 
 def _describe(entry: Path) -> str:
@@ -141,14 +137,10 @@ def _describe(entry: Path) -> str:
 
 
 def _is_run_entry(entry: Path) -> bool:
-    """Whether ``entry`` is one of a run's own files or folders (its config.json a RunConfig's)."""
+    """Whether ``entry`` is one of a run's own files or folders (in a folder whose config.json is a run's)."""
     if entry.name in RUN_FOLDERS:
         return entry.is_dir()
-    if not entry.is_file():
-        return False
-    if entry.name == "config.json":
-        return _is_run_config(entry)
-    return entry.name in RUN_FILES or _RUN_TEMPORARY.match(entry.name) is not None
+    return entry.is_file() and (entry.name in RUN_FILES or _RUN_TEMPORARY.match(entry.name) is not None)
 
 
 def _is_run_config(file: Path) -> bool:

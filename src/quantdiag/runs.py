@@ -3,8 +3,8 @@ interrupted run resumes from what it finished. Every file is written atomically.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +42,9 @@ class RunDir:
 
         return load_or_build(self.stages / f"{name}-{key}.npz", _load, build)
 
-    @contextmanager
-    def scratch(self) -> Iterator[Path]:
+    def scratch(self) -> AbstractContextManager[Path]:
         """A temporary folder for one stage's spills, removed afterwards (or swept if killed)."""
-        with scratch_dir(self.stages) as folder:
-            yield folder
+        return scratch_dir(self.stages)
 
     def write_json(self, name: str, data: dict) -> None:
         write_json(self.path / name, data)
