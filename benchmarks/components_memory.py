@@ -37,7 +37,7 @@ def measure(count: int) -> dict:
     bank = WeightBank(loaded)
     for spec in specs:
         bank.ensure(spec)
-        bank.apply(PrecisionPlan.uniform(spec.key))  # the bank's weights are resident before the base level
+        bank.apply(PrecisionPlan.uniform(spec))  # the bank's weights are resident before the base level
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     relations = pararel_relations()
     facts = load_pararel(relations, 2 * -(-count // len(relations)), seed=0)[:count]
@@ -45,8 +45,8 @@ def measure(count: int) -> dict:
     base = psutil.Process().memory_info().rss / 2**20
     start = time.perf_counter()
     with peak_memory(torch.device("cpu")) as growth:
-        component_arrays(loaded, bank, [spec.key for spec in specs], prompts, BATCH)
-        representation_arrays(loaded, bank, specs[-1].key, {"all": prompts}, BATCH)
+        component_arrays(loaded, bank, list(specs), prompts, BATCH)
+        representation_arrays(loaded, bank, specs[-1], {"all": prompts}, BATCH)
     whole = (
         2
         * len(prompts)

@@ -22,12 +22,12 @@ from quantdiag.analysis.patching import Sweep, naive_sweep_probs, trace
 from quantdiag.data.facts import load_pararel, tokenize
 from quantdiag.model.load import load_reference
 from quantdiag.quant.bank import WeightBank
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Setting
 
 RELATIONS = ["P103", "P37", "P1412", "P178"]
 
 
-def naive(loaded, bank: WeightBank, setting: str, prompts) -> np.ndarray:
+def naive(loaded, bank: WeightBank, setting: Setting, prompts) -> np.ndarray:
     """The baseline grid: reference traced per prompt, then one forward per patch."""
     width = max(len(p.ids) for p in prompts)
     out = np.full((len(prompts), loaded.adapter.n_layers, width), np.nan)
@@ -58,15 +58,15 @@ def main() -> None:
     facts = load_pararel(RELATIONS, -(-args.prompts // len(RELATIONS)), seed=0)[: args.prompts]
     prompts = [tokenize(loaded.tokenizer, fact, index) for index, fact in enumerate(facts)]
     plan = CausalPlan(analyses=("patching",), kinds=("resid",))
-    causal_arrays(loaded, bank, spec.key, {"warm-up": prompts[:2]}, plan, batch_size=64)
+    causal_arrays(loaded, bank, spec, {"warm-up": prompts[:2]}, plan, batch_size=64)
 
     with peak_memory(loaded.device) as engine_peak:
         start = time.perf_counter()
-        engine = causal_arrays(loaded, bank, spec.key, {"bench": prompts}, plan, batch_size=64)["bench/patching/resid"]
+        engine = causal_arrays(loaded, bank, spec, {"bench": prompts}, plan, batch_size=64)["bench/patching/resid"]
         engine_s = time.perf_counter() - start
     with peak_memory(loaded.device) as naive_peak:
         start = time.perf_counter()
-        baseline = naive(loaded, bank, spec.key, prompts)
+        baseline = naive(loaded, bank, spec, prompts)
         naive_s = time.perf_counter() - start
 
     tokens = [len(p.ids) for p in prompts]

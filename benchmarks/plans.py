@@ -48,10 +48,10 @@ def main() -> None:
     prompts = [tokenize(loaded.tokenizer, fact, index) for index, fact in enumerate(facts)]
 
     evaluation = median_seconds(lambda: score_prompts(loaded, prompts, 64), 3)
-    back_and_forth = itertools.cycle([PrecisionPlan.uniform(spec.key), PrecisionPlan.uniform(REFERENCE)])
+    back_and_forth = itertools.cycle([PrecisionPlan.uniform(spec), PrecisionPlan.uniform(REFERENCE)])
     swap_all = median_seconds(lambda: bank.apply(next(back_and_forth)), 6)
     layers = loaded.adapter.n_layers
-    dominos = iter([blocks_plan(spec.key, 0, k + 1) for k in range(layers)])
+    dominos = iter([blocks_plan(spec, 0, k + 1) for k in range(layers)])
     domino_step = median_seconds(lambda: bank.apply(next(dominos)), layers)
 
     print(f"evaluation pass, {len(prompts)} prompts: {evaluation:.2f} s (device {loaded.device})")

@@ -19,7 +19,7 @@ def test_apply_reference_restores_weights_bit_for_bit(llama):
     bank = WeightBank(llama)
     spec = QuantSpec("rtn", 2, 32)
     bank.ensure(spec)
-    bank.apply(PrecisionPlan.uniform(spec.key))
+    bank.apply(PrecisionPlan.uniform(spec))
     assert not torch.equal(
         llama.model.model.layers[0].mlp.up_proj.weight, original["model.layers.0.mlp.up_proj.weight"]
     )
@@ -33,7 +33,7 @@ def test_a_plan_swaps_only_the_modules_it_names(llama):
     bank = WeightBank(llama)
     spec = QuantSpec("rtn", 4, 32)
     bank.ensure(spec)
-    bank.apply(PrecisionPlan(rules=(Rule(spec.key, pattern=r"mlp\.down_proj", layers=(1, 2)),)))
+    bank.apply(PrecisionPlan(rules=(Rule(spec, pattern=r"mlp\.down_proj", layers=(1, 2)),)))
     changed = {name for name, tensor in _weights(llama).items() if not torch.equal(tensor, original[name])}
     assert changed == {"model.layers.1.mlp.down_proj.weight"}
     expected = rtn_dequantized(original["model.layers.1.mlp.down_proj.weight"], 4, 32)
@@ -49,13 +49,13 @@ def test_each_setting_is_quantized_once_and_reused(llama, monkeypatch):
 
     monkeypatch.setattr("quantdiag.quant.bank.rtn_dequantized", fail)
     bank = WeightBank(llama)
-    assert bank.has(spec.key)
+    assert bank.has(spec)
     bank.ensure(spec)
-    bank.apply(PrecisionPlan.uniform(spec.key))
+    bank.apply(PrecisionPlan.uniform(spec))
 
 
 def test_gptq_keys_depend_on_the_calibration(llama):
     spec = QuantSpec("gptq", 4, 32)
-    first = WeightBank(llama, _calibration()).path(spec.key)
-    other = WeightBank(llama, Calibration(torch.ones(8, 32, dtype=torch.long), "ones")).path(spec.key)
+    first = WeightBank(llama, _calibration()).path(spec)
+    other = WeightBank(llama, Calibration(torch.ones(8, 32, dtype=torch.long), "ones")).path(spec)
     assert first != other

@@ -103,7 +103,7 @@ def _expected(model, bank: WeightBank, subsets: dict[str, list[Prompt]], plan: C
     """What ``causal_arrays`` must return for ``SETTING``, computed prompt by prompt."""
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     reference = {name: [_clean(model, p) for p in prompts] for name, prompts in subsets.items()}
-    bank.apply(PrecisionPlan.uniform(SETTING.key))
+    bank.apply(PrecisionPlan.uniform(SETTING))
     out: dict[str, np.ndarray] = {}
     for name, prompts in subsets.items():
         width = max(len(p.ids) for p in prompts)
@@ -164,7 +164,7 @@ def _assert_arrays(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) 
 def test_causal_arrays_equal_a_plain_loop_of_patched_forwards(traced):
     loaded, bank, subsets = traced
     plan = CausalPlan(kinds=KINDS)
-    got = causal_arrays(loaded, bank, SETTING.key, subsets, plan, batch_size=2)
+    got = causal_arrays(loaded, bank, SETTING, subsets, plan, batch_size=2)
     expected = _expected(loaded.model, bank, subsets, plan)
     _assert_arrays(got, expected)
     for name, prompts in subsets.items():
@@ -193,7 +193,7 @@ def test_causal_arrays_with_a_window_of_layers(traced, window):
     loaded, bank, subsets = traced
     plan = CausalPlan(kinds=("mlp", "attn"), window=window)
     robust = {"robust": subsets["robust"]}
-    got = causal_arrays(loaded, bank, SETTING.key, robust, plan, batch_size=2)
+    got = causal_arrays(loaded, bank, SETTING, robust, plan, batch_size=2)
     _assert_arrays(got, _expected(loaded.model, bank, robust, plan))
 
 

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter, quants
 
 from quantdiag.quant.checkpoint import inspect_checkpoint
-from quantdiag.quant.spec import average_bits, setting_bits
+from quantdiag.quant.spec import QuantSpec, average_bits
 
 RNG = np.random.default_rng(0)
 
@@ -70,7 +70,7 @@ def test_gguf_bits_are_measured_bits_per_weight(tmp_path, tensors, bits, label):
     spec = inspect_checkpoint(str(_write(tmp_path / "model.gguf", tensors)))
     assert spec.bits == bits
     assert spec.label == f"model ({label})"
-    assert setting_bits(spec.key) == bits
+    assert spec.key.startswith(f"ckpt-w{bits:g}-model-")
 
 
 def test_fractional_checkpoint_bits_weigh_in_average_bits(tmp_path):
@@ -78,4 +78,4 @@ def test_fractional_checkpoint_bits_weigh_in_average_bits(tmp_path):
     spec = inspect_checkpoint(str(_write(tmp_path / "q4.gguf", {"blk.0.attn_q.weight": (64, 64, Q.Q4_0)})))
     assert spec.key.startswith("ckpt-w4.5-q4-")
     shapes = {"a": (64, 64), "b": (64, 64)}
-    assert average_bits({"a": spec.key, "b": "rtn-w8-g128-sym"}, shapes) == 6.25
+    assert average_bits({"a": spec, "b": QuantSpec("rtn", 8)}, shapes) == 6.25

@@ -22,7 +22,7 @@ from quantdiag.data.facts import load_pararel, tokenize
 from quantdiag.model.load import LoadedModel, weights_fingerprint
 from quantdiag.model.probes import eager_attention
 from quantdiag.quant.bank import WeightBank
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Setting
 
 from conftest import tiny_model
 
@@ -140,7 +140,7 @@ def _sharpened(family: str) -> LoadedModel:
     return dataclasses.replace(loaded, fingerprint=weights_fingerprint(loaded.adapter))
 
 
-def _by_hand(loaded: LoadedModel, bank: WeightBank, setting: str, prompts: list) -> dict[str, np.ndarray]:
+def _by_hand(loaded: LoadedModel, bank: WeightBank, setting: Setting, prompts: list) -> dict[str, np.ndarray]:
     """``{metric}`` (prompts x layers) of ``setting`` against the reference, prompt by prompt."""
     captured = {}
     with eager_attention(loaded.model), torch.inference_mode():
@@ -171,18 +171,18 @@ def test_component_pass_equals_a_hand_computation(family):
     bank.ensure(three)
     prompts = [tokenize(loaded.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19", "P36"], 4, 0))]
     attention = loaded.model.config._attn_implementation
-    arrays = component_arrays(loaded, bank, [REFERENCE, three.key], prompts, batch_size=3)
+    arrays = component_arrays(loaded, bank, [REFERENCE, three], prompts, batch_size=3)
     assert loaded.model.config._attn_implementation == attention
-    assert set(arrays) == {f"{s}/{m}" for s in (REFERENCE, three.key) for m in OWN_METRICS + PAIR_METRICS}
+    assert set(arrays) == {f"{s.key}/{m}" for s in (REFERENCE, three) for m in OWN_METRICS + PAIR_METRICS}
     identical = {"focus_divergence": 0.0, "sign_flip": 0.0, "jaccard": 1.0, "value_cosine": 1.0}
     for metric, value in identical.items():
-        np.testing.assert_allclose(arrays[f"{REFERENCE}/{metric}"], value, atol=1e-6)
-    hand = {setting: _by_hand(loaded, bank, setting, prompts) for setting in (REFERENCE, three.key)}
+        np.testing.assert_allclose(arrays[f"{REFERENCE.key}/{metric}"], value, atol=1e-6)
+    hand = {setting: _by_hand(loaded, bank, setting, prompts) for setting in (REFERENCE, three)}
     for setting, metrics in hand.items():
         for metric, expected in metrics.items():
-            key = f"{setting}/{metric}"
+            key = f"{setting.key}/{metric}"
             np.testing.assert_allclose(arrays[key], expected, atol=1e-6, err_msg=key)
-    quantized = hand[three.key]  # interior values, so that a wrong reading shows
+    quantized = hand[three]  # interior values, so that a wrong reading shows
     assert quantized["focus_divergence"].min() > 1e-3 and 0 < quantized["sign_flip"].mean() < 0.5
     assert 0 < quantized["jaccard"].mean() < 1 and quantized["value_cosine"].max() < 0.99
 

@@ -145,7 +145,7 @@ def test_a_gptqmodel_checkpoint_is_dequantized_onto_its_grid(reference, gptq_che
     assert (spec.kind, spec.bits) == ("gptq", 4)
     original = {name: module.weight.clone() for name, module in bank.modules.items()}
     bank.ensure(spec)
-    bank.apply(PrecisionPlan.uniform(spec.key))
+    bank.apply(PrecisionPlan.uniform(spec))
     for name, module in bank.modules.items():
         weight = module.weight
         groups = weight.reshape(weight.shape[0], -1, GROUP)
@@ -201,7 +201,7 @@ def test_an_awq_checkpoint_is_dequantized_exactly(reference, tmp_path):
     expected = _awq_checkpoint(reference, tmp_path / "awq", bank.shapes)
     spec = inspect_checkpoint(str(tmp_path / "awq"))
     bank.ensure(spec)
-    bank.apply(PrecisionPlan.uniform(spec.key))
+    bank.apply(PrecisionPlan.uniform(spec))
     for name, module in bank.modules.items():
         torch.testing.assert_close(module.weight, expected[name], rtol=1e-3, atol=1e-5)
 

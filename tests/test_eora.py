@@ -10,7 +10,7 @@ from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.eora import eora_factors
 from quantdiag.quant.rtn import rtn_dequantized
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, average_bits, eora_key, split_eora
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, average_bits, compensated
 
 from conftest import tiny_model
 
@@ -45,12 +45,13 @@ def test_eora_reaches_the_eckart_young_optimum(rows, cols, seed, rank):
 
 
 def test_eora_keys_plans_and_average_bits():
-    key = eora_key(TWO.key, 32)
-    assert split_eora(key) == (TWO.key, 32) and split_eora(TWO.key) == (TWO.key, 0)
-    plan = PrecisionPlan(TWO.key, (Rule(REFERENCE, layers=(0, 1)),)).compensated(32)
-    assert plan.default == key and plan.rules[0].setting == REFERENCE
+    corrected = compensated(TWO, 32)
+    assert corrected.key == "rtn-w2-g32-sym+eora32" and corrected.bits == 2 and corrected.reads_calibration
+    assert compensated(REFERENCE, 32) == REFERENCE
+    plan = PrecisionPlan(TWO, (Rule(REFERENCE, layers=(0, 1)),)).compensated(32)
+    assert plan.default == corrected and plan.rules[0].setting == REFERENCE
     shapes = {"a": (64, 64)}
-    assert average_bits({"a": key}, shapes) == pytest.approx(2 + 16 * 32 * 128 / 64**2)
+    assert average_bits({"a": corrected}, shapes) == pytest.approx(2 + 16 * 32 * 128 / 64**2)
 
 
 def test_the_bank_stores_w_q_plus_the_best_fit_on_each_linears_calibration_inputs():
@@ -77,8 +78,8 @@ def test_the_bank_stores_w_q_plus_the_best_fit_on_each_linears_calibration_input
     reference = {name: modules[name].weight.detach().clone() for name in names}
     bank = WeightBank(loaded, calibration)
     bank.ensure(TWO)
-    bank.ensure_eora([TWO.key], rank=8)
-    key = eora_key(TWO.key, 8)
+    bank.ensure_eora([TWO], rank=8)
+    key = compensated(TWO, 8)
     assert bank.path(key).name.endswith(f"calib{calibration.digest}.safetensors")
     bank.apply(PrecisionPlan.uniform(key))
     for name in names:

@@ -5,7 +5,7 @@ import torch
 
 from quantdiag.errors import QuantdiagError
 from quantdiag.quant.rtn import rtn_dequantized
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, average_bits, effective_group_size
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, average_bits
 
 # One row, two groups of 4, 2-bit (q = 0..3), worked by hand on GPTQ's grid: the range [lo, hi] holds 0,
 # scale = (hi - lo) / 3, value = scale * (clamp(round(w / scale) + zero, 0, 3) - zero); round is half to even.
@@ -59,7 +59,7 @@ def test_rtn_keeps_dtype_and_zero_groups():
     ("width", "group", "expected"), [(576, 128, 64), (1536, 128, 128), (4096, 128, 128), (100, 128, 4), (96, 32, 32)]
 )
 def test_group_size_falls_back_to_largest_power_of_two_divisor(width, group, expected):
-    assert effective_group_size(width, group) == expected
+    assert QuantSpec("rtn", 4, group).group_for(width) == expected
 
 
 @pytest.mark.parametrize(
@@ -70,14 +70,13 @@ def test_bad_specs_are_user_errors(method, bits, group):
         QuantSpec(method, bits, group)
 
 
-def test_spec_key_round_trip():
-    spec = QuantSpec("gptq", 3, 64, sym=False)
-    assert QuantSpec.from_key(spec.key) == spec
+def test_spec_key_names_every_field():
+    assert QuantSpec("gptq", 3, 64, sym=False).key == "gptq-w3-g64-asym"
 
 
 def test_average_bits_two_of_32_blocks_at_8_on_4_bit():
     names = [f"model.layers.{layer}.mlp.down_proj" for layer in range(32)]
-    four, eight = QuantSpec("gptq", 4).key, QuantSpec("gptq", 8).key
+    four, eight = QuantSpec("gptq", 4), QuantSpec("gptq", 8)
     plan = PrecisionPlan(default=four, rules=(Rule(eight, layers=(0, 2)),))
     assignment = {name: plan.setting_for(name, layer) for layer, name in enumerate(names)}
     assert average_bits(assignment, dict.fromkeys(names, (10, 100))) == pytest.approx(4.25)

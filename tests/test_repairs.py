@@ -24,7 +24,7 @@ from quantdiag.data.facts import Prompt, load_pararel, tokenize
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, eora_key
+from quantdiag.quant.spec import REFERENCE, Compensated, PrecisionPlan, QuantSpec, Rule, Setting, compensated
 from test_amplify import confident, hand_amplified
 
 LOW, EIGHT = QuantSpec("rtn", 3, 32, True), QuantSpec("rtn", 8, 32, True)
@@ -57,16 +57,16 @@ def _plan(assignment: dict[str, str]) -> PrecisionPlan:
     return PrecisionPlan(REFERENCE, tuple(rules))
 
 
-def _bits(bank: WeightBank, assignment: dict[str, str]) -> float:
+def _bits(bank: WeightBank, assignment: dict[str, Setting]) -> float:
     """Parameter-weighted mean bits: 3 or 8 a weight, plus 16 a factor number for rank-r EoRA."""
-    nominal = {LOW.key: 3, EIGHT.key: 8}
+    nominal = {LOW: 3, EIGHT: 8}
     weights = bits = 0.0
     for name, setting in assignment.items():
         out_features, in_features = bank.modules[name].weight.shape
-        base, _, compensated = setting.partition("+eora")
+        corrected = isinstance(setting, Compensated)
         weights += out_features * in_features
-        bits += nominal[base] * out_features * in_features
-        bits += 16 * RANK * (out_features + in_features) if compensated else 0
+        bits += nominal[setting.base if corrected else setting] * out_features * in_features
+        bits += 16 * RANK * (out_features + in_features) if corrected else 0
     return bits / weights
 
 
@@ -78,7 +78,7 @@ def _kurtosis(weight: np.ndarray) -> float:
 def _hand_plans(bank: WeightBank, weights: dict[str, np.ndarray], blocks: int) -> dict[str, dict[str, str]]:
     """Each repair's setting per linear, from the definitions (METHODS 7)."""
     names = list(bank.modules)
-    low, eight = LOW.key, EIGHT.key
+    low, eight = LOW, EIGHT
     early = {name: eight if _layer(name) < blocks else low for name in names}
     kurtosis = dict.fromkeys(names, low)
     for name in sorted(names, key=lambda n: _kurtosis(weights[n]), reverse=True):
@@ -87,11 +87,11 @@ def _hand_plans(bank: WeightBank, weights: dict[str, np.ndarray], blocks: int) -
         kurtosis[name] = eight
     return {
         "baseline": dict.fromkeys(names, low),
-        "eora": dict.fromkeys(names, eora_key(low, RANK)),
+        "eora": dict.fromkeys(names, compensated(low, RANK)),
         "early": early,
         "kurtosis": kurtosis,
         "early+amplify": early,
-        "early+eora": {name: eora_key(setting, RANK) for name, setting in early.items()},
+        "early+eora": {name: compensated(setting, RANK) for name, setting in early.items()},
     }
 
 
@@ -129,8 +129,8 @@ def test_kurtosis_protection_stops_at_the_first_linear_over_the_budget(llama):
     bank.ensure(four)
     ranked = sorted(bank.modules, key=lambda n: _kurtosis(bank.modules[n].weight.double().numpy()), reverse=True)
     assert ranked[:3] == list(heavy)
-    plan = kurtosis_plan(bank, four.key, EIGHT.key, budget=4.2)
-    protected = {name for name, setting in bank.assignment(plan).items() if setting != four.key}
+    plan = kurtosis_plan(bank, four, EIGHT, budget=4.2)
+    protected = {name for name, setting in bank.assignment(plan).items() if setting != four}
     assert protected == {"model.layers.1.self_attn.k_proj"}
 
 
@@ -159,7 +159,7 @@ def test_repair_table_rows_equal_their_plans_scored_by_hand(llama, setup):
     scored by hand on exactly the test split and the Robust prompts; alpha is chosen on dev alone."""
     bank, prompts = setup
     weights = {name: module.weight.double().numpy().copy() for name, module in bank.modules.items()}
-    bank.ensure_eora([LOW.key, EIGHT.key], rank=RANK)
+    bank.ensure_eora([LOW, EIGHT], rank=RANK)
     dev, test = dev_test_split(12, SEED)
     assert not set(dev) & set(test) and sorted([*dev, *test]) == list(range(12))
     plans = _hand_plans(bank, weights, blocks=1)
@@ -174,7 +174,7 @@ def test_repair_table_rows_equal_their_plans_scored_by_hand(llama, setup):
     assert alpha == 0.5 and ALPHAS[int(np.argmax(test_accuracy))] == ALPHAS[int(np.argmax(all_accuracy))] == 2.0
 
     options = RepairOptions(blocks=None, budget=BUDGET, alphas=ALPHAS, rank=RANK, seed=SEED)
-    arrays = repair_arrays(llama, bank, LOW.key, EIGHT.key, failure, robust, 1, options, 4)
+    arrays = repair_arrays(llama, bank, LOW, EIGHT, failure, robust, 1, options, 4)
     assert set(bank.current.values()) == {REFERENCE}
     summary = repair_summary(arrays)
     np.testing.assert_array_equal(arrays["test"], test)

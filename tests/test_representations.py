@@ -133,7 +133,7 @@ def test_representation_pass_on_a_tiny_model(family_model, tmp_path):
     np.testing.assert_allclose(np.diag(own["rtn:failure/resid/last/cka"]), 1, rtol=1e-4)
 
     arrays = {
-        spec.bits: representation_arrays(family_model, bank, spec.key, subsets, batch_size=4, workdir=work)
+        spec.bits: representation_arrays(family_model, bank, spec, subsets, batch_size=4, workdir=work)
         for spec in (eight, two)
     }
     assert list(work.iterdir()) == []  # spills removed

@@ -214,7 +214,7 @@ def test_the_repairs_of_an_rtn_setting_depend_on_the_calibration(llama):
     for fill in (0, 1):
         calibration = Calibration(torch.full((2, 8), fill, dtype=torch.long), f"{fill}s")
         context = RunContext(None, llama, WeightBank(llama, calibration), PromptSet([], [], [], 0), None)
-        keys.add(context.stage_key(_repair_reads(spec.key, replace(spec, bits=8).key, rank)))
+        keys.add(context.stage_key(_repair_reads(spec, replace(spec, bits=8), rank)))
     assert len(keys) == 2
 
 

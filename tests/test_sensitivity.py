@@ -45,20 +45,20 @@ def _setup(loaded, count: int = 10):
 
 def test_plans_assign_the_blocks_and_components_they_name(llama):
     bank = WeightBank(llama)
-    single = bank.assignment(blocks_plan(LOW.key, 1, 2))
-    assert {name for name, s in single.items() if s == LOW.key} == {n for n in bank.modules if bank.layers[n] == 1}
-    injected = bank.assignment(blocks_plan(HIGH.key, 0, 2, default=LOW.key))
-    assert all((s == HIGH.key) == (bank.layers[n] < 2) and s in (HIGH.key, LOW.key) for n, s in injected.items())
+    single = bank.assignment(blocks_plan(LOW, 1, 2))
+    assert {name for name, s in single.items() if s == LOW} == {n for n in bank.modules if bank.layers[n] == 1}
+    injected = bank.assignment(blocks_plan(HIGH, 0, 2, default=LOW))
+    assert all((s == HIGH) == (bank.layers[n] < 2) and s in (HIGH, LOW) for n, s in injected.items())
     for group, kinds in COMPONENT_GROUPS.items():
         chosen = {
-            n for n, s in bank.assignment(component_plan(llama.adapter.arch, LOW.key, group)).items() if s == LOW.key
+            n for n, s in bank.assignment(component_plan(llama.adapter.arch, LOW, group)).items() if s == LOW
         }
         assert chosen == {n for n in bank.modules if llama.adapter.linear_kind(n)[1] in kinds}, group
 
 
 def test_a_plan_quantizing_nothing_is_the_reference(llama):
     bank, prompts = _setup(llama)
-    assert correct_under(llama, bank, blocks_plan(LOW.key, 0, 0), prompts, 4).all()
+    assert correct_under(llama, bank, blocks_plan(LOW, 0, 0), prompts, 4).all()
 
 
 @torch.no_grad()
@@ -90,13 +90,13 @@ def _apply(bank: WeightBank, plan: PrecisionPlan, by_layer: list[str]) -> None:
 def test_block_sweeps_equal_plain_forwards_of_each_plan(family):
     loaded = tiny_model(family)
     bank, prompts = _setup(loaded)
-    domino, single = block_sweeps(loaded, bank, LOW.key, prompts, 4)
+    domino, single = block_sweeps(loaded, bank, LOW, prompts, 4)
     layers = loaded.adapter.n_layers
     plain = {"domino": [], "single": []}
     for k in range(layers):
-        _apply(bank, blocks_plan(LOW.key, 0, k + 1), [LOW.key] * (k + 1) + [REFERENCE] * (layers - k - 1))  # 0..k
+        _apply(bank, blocks_plan(LOW, 0, k + 1), [LOW] * (k + 1) + [REFERENCE] * (layers - k - 1))  # 0..k
         plain["domino"].append(_plain_forwards(loaded.model, prompts)[0])
-        _apply(bank, blocks_plan(LOW.key, k, k + 1), [REFERENCE] * k + [LOW.key] + [REFERENCE] * (layers - k - 1))
+        _apply(bank, blocks_plan(LOW, k, k + 1), [REFERENCE] * k + [LOW] + [REFERENCE] * (layers - k - 1))
         plain["single"].append(_plain_forwards(loaded.model, prompts)[0])
     np.testing.assert_array_equal(domino, plain["domino"])
     np.testing.assert_array_equal(single, plain["single"])
@@ -107,8 +107,8 @@ def test_injection_at_every_k_equals_its_plan(llama):
     """k = 0..L: blocks below k at the high setting, the rest at 2-bit; accuracy and the mean
     cosine of every block's last-token output with the reference's."""
     bank, prompts = _setup(llama)
-    highs = [REFERENCE, HIGH.key]
-    arrays = injection_arrays(llama, bank, LOW.key, highs, prompts, 4)
+    highs = [REFERENCE, HIGH]
+    arrays = injection_arrays(llama, bank, LOW, highs, prompts, 4)
     layers = llama.adapter.n_layers
     assert arrays["cosine"].shape == (len(highs), layers + 1, layers)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
@@ -116,7 +116,7 @@ def test_injection_at_every_k_equals_its_plan(llama):
     for h, high in enumerate(highs):
         cosines = []
         for k in range(layers + 1):
-            _apply(bank, blocks_plan(high, 0, k, default=LOW.key), [high] * k + [LOW.key] * (layers - k))
+            _apply(bank, blocks_plan(high, 0, k, default=LOW), [high] * k + [LOW] * (layers - k))
             correct, last = _plain_forwards(llama.model, prompts)
             cosines.append(F.cosine_similarity(last, reference, dim=-1).mean(0).numpy())
             assert arrays["accuracy"][h, k] == correct.mean(), (high, k)
@@ -128,7 +128,7 @@ def test_injection_at_every_k_equals_its_plan(llama):
 
 def test_sensitivity_arrays_cover_every_test(llama):
     bank, prompts = _setup(llama)
-    arrays = sensitivity_arrays(llama, bank, LOW.key, prompts, 4)
+    arrays = sensitivity_arrays(llama, bank, LOW, prompts, 4)
     assert arrays["domino"].shape == arrays["single"].shape == (4, len(prompts))
     np.testing.assert_array_equal(arrays["component/all"], arrays["domino"][-1])  # every linear, every block
     assert set(bank.current.values()) == {REFERENCE}

@@ -17,7 +17,7 @@ from quantdiag.analysis.causal import CAUSAL_ANALYSES, CausalPlan, causal_arrays
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.forward import Scores, score_prompts
 from quantdiag.analysis.recall import subsets
-from quantdiag.analysis.repairs import protect_setting, protect_spec, protected_blocks, repair_arrays, repairable
+from quantdiag.analysis.repairs import protect_setting, protected_blocks, repair_arrays, repairable
 from quantdiag.analysis.representations import representation_arrays
 from quantdiag.analysis.sensitivity import half_damage_block, injection_arrays, injection_settings, sensitivity_arrays
 from quantdiag.config import RunConfig
@@ -27,12 +27,12 @@ from quantdiag.model.load import LoadedModel, load_reference
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.checkpoint import ComparedSpec
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, eora_key
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting, compensated
 from quantdiag.report.html import write_report
 from quantdiag.resolve import causal_specs, repair_specs, resolve, sensitivity_specs
 from quantdiag.results import build_results
 from quantdiag.runs import RunDir, save_arrays
-from quantdiag.state import Analyses, Evaluated, PromptSet, RunContext, RunResult
+from quantdiag.state import Analyses, Evaluated, Groups, PromptSet, RunContext, RunResult, SubsetArrays
 from quantdiag.storage import cache_root, sweep_leftovers
 
 
@@ -44,7 +44,7 @@ def run(config: RunConfig) -> RunResult:
     loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
     prompts = build_prompts(loaded, resolved.facts, config)
     facts = prompts.facts
-    needs_calibration = any(spec.method == "gptq" for spec in specs) or bool(repair_specs(config, specs))
+    needs_calibration = any(spec.reads_calibration for spec in specs) or bool(repair_specs(config, specs))
     calibration = (
         load_calibration(loaded, config.calib, config.calib_samples, config.calib_length, config.seed)
         if needs_calibration
@@ -56,7 +56,7 @@ def run(config: RunConfig) -> RunResult:
     run_dir = RunDir(Path(config.out))
     run_dir.write_json("config.json", config.to_json())
     context = RunContext(run_dir, loaded, bank, prompts, config, specs)
-    reference = evaluate(context, None, np.ones(len(facts), dtype=bool))
+    reference = evaluate(context, REFERENCE, np.ones(len(facts), dtype=bool))
     evaluated = [evaluate(context, spec, reference.scores.correct) for spec in specs]
     groups = method_subsets(reference, evaluated, config.subset_bits)
     causal = causal_effects(context, groups)
@@ -109,72 +109,72 @@ def build_prompts(loaded: LoadedModel, facts: list[Fact], config: RunConfig) -> 
     return PromptSet(primary, robustness, scored, len(facts) - len(scored))
 
 
-def evaluate(context: RunContext, spec: ComparedSpec | None, lens_rows: np.ndarray) -> Evaluated:
-    """Scores of one uniform setting (``None``: the reference), from the stage cache if finished."""
+def evaluate(context: RunContext, setting: Setting, lens_rows: np.ndarray) -> Evaluated:
+    """Scores of one uniform setting, from the stage cache if finished."""
     loaded, bank, prompts, batch_size = context.loaded, context.bank, context.prompts, context.config.batch_size
-    setting = REFERENCE if spec is None else spec.key
 
     def compute() -> dict[str, np.ndarray]:
         bank.apply(PrecisionPlan.uniform(setting))
-        label = "reference" if spec is None else spec.label
-        main = score_prompts(loaded, prompts.primary, batch_size, lens_rows, desc=f"recall {label}")
-        robust = score_prompts(loaded, prompts.robustness, batch_size, desc=f"robustness {label}")
+        main = score_prompts(loaded, prompts.primary, batch_size, lens_rows, desc=f"recall {setting.label}")
+        robust = score_prompts(loaded, prompts.robustness, batch_size, desc=f"robustness {setting.label}")
         return {**main.arrays(), **robust.arrays("robustness/")}
 
-    arrays = context.run_dir.cached(f"eval-{setting}", context.stage_key(setting, lens_rows.tobytes().hex()), compute)
-    return Evaluated(setting, spec, Scores.from_arrays(arrays), Scores.from_arrays(arrays, "robustness/"))
+    key = context.stage_key(setting, lens_rows.tobytes().hex())
+    arrays = context.run_dir.cached(f"eval-{setting.key}", key, compute)
+    return Evaluated(setting, Scores.from_arrays(arrays), Scores.from_arrays(arrays, "robustness/"))
 
 
-def method_subsets(reference: Evaluated, evaluated: list[Evaluated], bits: int) -> dict[str, dict[str, np.ndarray]]:
+def method_subsets(reference: Evaluated, evaluated: list[Evaluated], bits: int) -> Groups:
     """Per method, the rows of its Robust and Failure subsets (defined by its ``bits`` setting; a
     checkpoint's by itself)."""
     return {
-        item.spec.method: subsets(reference.scores.correct, item.scores.correct)
+        item.setting.method: subsets(reference.scores.correct, item.scores.correct)
         for item in evaluated
-        if item.spec.defines_subsets(bits)
+        if item.setting.defines_subsets(bits)
     }
 
 
-def causal_effects(context: RunContext, groups: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+def causal_effects(context: RunContext, groups: Groups) -> dict[Setting, SubsetArrays]:
     """Setting -> causal arrays (``causal.causal_arrays``) on a seeded sample of
     ``patch_prompts`` prompts of each non-empty subset, ``{method}:{subset}``; the reference gets
     every method's subsets. Each setting is a resumable stage."""
     config = context.config
     order = np.random.default_rng(config.seed).permutation(len(context.prompts.primary))
-    chosen = {
-        f"{method}:{name}": np.sort(order[np.isin(order, rows)][: config.patch_prompts])
-        for method, named in groups.items()
-        for name, rows in named.items()
-        if len(rows)
-    }
+    chosen = _named_subsets(groups, lambda rows: np.sort(order[np.isin(order, rows)][: config.patch_prompts]))
     plan = CausalPlan(tuple(a for a in config.analyses if a in CAUSAL_ANALYSES), config.streams, config.window)
 
-    def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
+    def analysis(setting: Setting, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
         return causal_arrays(context.loaded, context.bank, setting, subset_prompts, plan, config.batch_size)
 
-    specs = [spec for spec in causal_specs(config, context.specs) if plan.sweeps(spec.key)]
+    specs = [spec for spec in causal_specs(config, context.specs) if plan.sweeps(spec)]
     return _subset_stages(context, chosen, specs, "causal", analysis, bool(plan.sweeps(REFERENCE)), (asdict(plan),))
+
+
+def _named_subsets(groups: Groups, pick: Callable[[np.ndarray], np.ndarray] = lambda rows: rows) -> Groups:
+    """Method -> ``{method}:{subset}`` -> the rows ``pick`` keeps of each non-empty subset."""
+    return {
+        method: {f"{method}:{name}": pick(rows) for name, rows in named.items() if len(rows)}
+        for method, named in groups.items()
+    }
 
 
 def component_effects(context: RunContext, reference: Evaluated) -> dict[str, np.ndarray]:
     """Component metrics (``components.component_arrays``) of every setting on the facts the
     reference recalls (the Robust and Failure subsets are among them), plus ``rows``: which."""
     rows = np.flatnonzero(reference.scores.correct)
-    settings = [spec.key for spec in context.specs]
+    settings = list(context.specs)
     prompts = [context.prompts.primary[i] for i in rows]
     compute = partial(component_arrays, context.loaded, context.bank, settings, prompts, context.config.batch_size)
     return context.run_dir.cached("components", context.stage_key(settings, rows.tolist()), compute) | {"rows": rows}
 
 
-def representation_effects(
-    context: RunContext, groups: dict[str, dict[str, np.ndarray]]
-) -> dict[str, dict[str, np.ndarray]]:
+def representation_effects(context: RunContext, groups: Groups) -> dict[Setting, SubsetArrays]:
     """Setting -> representation arrays (``representations.representation_arrays``) on every
     prompt of each non-empty subset of its method; the reference gets its own CKA on every
     method's subsets. Each setting is a resumable stage."""
-    chosen = {f"{method}:{name}": rows for method, named in groups.items() for name, rows in named.items() if len(rows)}
+    chosen = _named_subsets(groups)
 
-    def analysis(setting: str, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
+    def analysis(setting: Setting, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
         with context.run_dir.scratch() as folder:
             batch_size = context.config.batch_size
             return representation_arrays(context.loaded, context.bank, setting, subset_prompts, batch_size, folder)
@@ -184,42 +184,37 @@ def representation_effects(
 
 def _subset_stages(
     context: RunContext,
-    chosen: dict[str, np.ndarray],
+    chosen: Groups,
     specs: list[ComparedSpec],
     stage: str,
-    analysis: Callable[[str, dict[str, list[Prompt]]], dict[str, np.ndarray]],
+    analysis: Callable[[Setting, dict[str, list[Prompt]]], dict[str, np.ndarray]],
     with_reference: bool = True,
     key_parts: tuple = (),
-) -> dict[str, dict[str, np.ndarray]]:
+) -> dict[Setting, SubsetArrays]:
     """Setting -> ``analysis(setting, {subset: prompts})`` plus ``{subset}/rows``, each setting a
-    resumable stage ``{stage}-{setting}``: the reference (if ``with_reference``) on every subset
-    in ``chosen`` (name -> fact rows), each of ``specs`` on its own method's."""
-    targets = _targets(list(chosen), specs)
+    resumable stage ``{stage}-{setting key}``: the reference (if ``with_reference``) on every
+    subset in ``chosen`` (method -> subset name -> fact rows), each of ``specs`` on its own method's."""
+    every = {name: rows for named in chosen.values() for name, rows in named.items()}
+    targets = [(spec, chosen.get(spec.method, {})) for spec in specs]
     effects = {}
-    for setting, names in targets if with_reference else targets[1:]:
-        if not names:
+    for setting, named in [(REFERENCE, every)] * with_reference + targets:
+        if not named:
             continue
-        rows = {name: chosen[name].tolist() for name in names}
+        rows = {name: picked.tolist() for name, picked in named.items()}
         subset_prompts = {name: [context.prompts.primary[i] for i in picked] for name, picked in rows.items()}
         arrays = context.run_dir.cached(
-            f"{stage}-{setting}",
+            f"{stage}-{setting.key}",
             context.stage_key(setting, rows, *key_parts),
             partial(analysis, setting, subset_prompts),
         )
-        effects[setting] = arrays | {f"{name}/rows": np.array(picked) for name, picked in rows.items()}
+        with_rows = arrays | {f"{name}/rows": np.array(picked) for name, picked in rows.items()}
+        effects[setting] = SubsetArrays(list(rows), with_rows)
     return effects
 
 
-def _targets(subsets: list[str], specs: list[ComparedSpec]) -> list[tuple[str, list[str]]]:
-    """(setting, subsets it is measured on): the reference on all, each setting on its method's."""
-    return [(REFERENCE, subsets)] + [
-        (spec.key, [name for name in subsets if name.startswith(f"{spec.method}:")]) for spec in specs
-    ]
-
-
 def sensitivity_effects(
-    context: RunContext, groups: dict[str, dict[str, np.ndarray]]
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+    context: RunContext, groups: Groups
+) -> tuple[dict[Setting, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """Setting -> sensitivity arrays (``sensitivity.sensitivity_arrays``) on its method's Robust
     and Failure prompts, with ``rows`` and the ``failure`` mask; method -> signal injection into
     its low setting from the reference and its higher ones (``sensitivity.injection_settings``),
@@ -231,9 +226,9 @@ def sensitivity_effects(
         rows = np.sort(np.concatenate([named["robust"], named["failure"]])) if named else np.array([], dtype=int)
         if not len(rows):
             continue
-        compute = partial(sensitivity_arrays, loaded, bank, spec.key, [primary[i] for i in rows], config.batch_size)
-        arrays = context.run_dir.cached(f"sensitivity-{spec.key}", context.stage_key(spec.key, rows.tolist()), compute)
-        effects[spec.key] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
+        compute = partial(sensitivity_arrays, loaded, bank, spec, [primary[i] for i in rows], config.batch_size)
+        arrays = context.run_dir.cached(f"sensitivity-{spec.key}", context.stage_key(spec, rows.tolist()), compute)
+        effects[spec] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
     for method, named in groups.items():
         chosen = injection_settings(method, context.specs) if "sensitivity" in config.analyses else None
         if chosen is None or not len(named["failure"]):
@@ -243,13 +238,13 @@ def sensitivity_effects(
         failure = [primary[i] for i in named["failure"]]
         compute = partial(injection_arrays, loaded, bank, low, highs, failure, config.batch_size)
         arrays = context.run_dir.cached(f"injection-{method}", key, compute)
-        injection[method] = arrays | {"low": np.array(low), "highs": np.array(highs)}
+        injection[method] = arrays | {"low": np.array(low.key), "highs": np.array([high.key for high in highs])}
     return effects, injection
 
 
 def repair_effects(
-    context: RunContext, groups: dict[str, dict[str, np.ndarray]], sensitivity: dict[str, dict[str, np.ndarray]]
-) -> dict[str, dict[str, np.ndarray]]:
+    context: RunContext, groups: Groups, sensitivity: dict[Setting, dict[str, np.ndarray]]
+) -> dict[Setting, dict[str, np.ndarray]]:
     """Setting -> repair table (``repairs.repair_arrays``) on its method's Failure and Robust
     prompts (of settings ``repairs.repairable``), protecting with ``repairs.protect_setting``
     (quantized if the run has none); m from the setting's domino test when the run has one. Each
@@ -257,33 +252,32 @@ def repair_effects(
     loaded, bank, config = context.loaded, context.bank, context.config
     options = config.repair_options()
     specs = [spec for spec in repair_specs(config, context.specs) if repairable(spec, groups)]
-    protects = {spec.key: protect_setting(spec) for spec in specs}
-    for protect in filter(None, map(protect_spec, specs)):
-        bank.ensure(protect)
-    bank.ensure_eora(
-        [key for spec in specs for key in (spec.key, protects[spec.key]) if key != REFERENCE], options.rank
-    )
+    protects = {spec: protect_setting(spec) for spec in specs}
+    for protect in dict.fromkeys(protects.values()):
+        if protect != REFERENCE:
+            bank.ensure(protect)
+    bank.ensure_eora([s for spec in specs for s in (spec, protects[spec]) if s != REFERENCE], options.rank)
     tables = {}
     for spec in specs:
-        named, protect = groups[spec.method], protects[spec.key]
-        domino = sensitivity.get(spec.key, {}).get("domino")
+        named, protect = groups[spec.method], protects[spec]
+        domino = sensitivity.get(spec, {}).get("domino")
         blocks = protected_blocks(
             loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks
         )
         rows = {name: named[name].tolist() for name in ("failure", "robust")}
-        key = context.stage_key(_repair_reads(spec.key, protect, options.rank), rows, asdict(options), blocks)
+        key = context.stage_key(_repair_reads(spec, protect, options.rank), rows, asdict(options), blocks)
         failure, robust = ([context.prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
         compute = partial(
-            repair_arrays, loaded, bank, spec.key, protect, failure, robust, blocks, options, config.batch_size
+            repair_arrays, loaded, bank, spec, protect, failure, robust, blocks, options, config.batch_size
         )
-        tables[spec.key] = context.run_dir.cached(f"repairs-{spec.key}", key, compute)
+        tables[spec] = context.run_dir.cached(f"repairs-{spec.key}", key, compute)
     return tables
 
 
-def _repair_reads(setting: str, protect: str, rank: int) -> list[str]:
+def _repair_reads(setting: Setting, protect: Setting, rank: int) -> list[Setting]:
     """The weight settings a repair table reads: the setting, the protecting one and their EoRA
     compensations (which depend on the calibration even when the setting does not)."""
-    return [setting, protect] + [eora_key(s, rank) for s in (setting, protect) if s != REFERENCE]
+    return [setting, protect] + [compensated(s, rank) for s in (setting, protect) if s != REFERENCE]
 
 
 def _arrays(
@@ -294,11 +288,11 @@ def _arrays(
     each prompt's relation."""
     arrays = {"relation": np.array([fact.relation for fact in facts])}
     for item in [reference, *evaluated]:
-        arrays.update(item.scores.arrays(f"{item.setting}/"))
-        arrays.update(item.robustness.arrays(f"{item.setting}/robustness/"))
-    for analysis in ("causal", "representations", "sensitivity", "repairs"):
-        for setting, values in getattr(analyses, analysis).items():
-            arrays.update({f"{setting}/{analysis}/{key}": value for key, value in values.items()})
+        arrays.update(item.scores.arrays(f"{item.setting.key}/"))
+        arrays.update(item.robustness.arrays(f"{item.setting.key}/robustness/"))
+    for analysis, by_setting in analyses.per_setting().items():
+        for setting, values in by_setting.items():
+            arrays.update({f"{setting.key}/{analysis}/{key}": value for key, value in values.items()})
     arrays.update({f"components/{key}": value for key, value in analyses.components.items()})
     for method, values in analyses.injection.items():
         arrays.update({f"injection/{method}/{key}": value for key, value in values.items()})

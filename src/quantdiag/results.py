@@ -17,11 +17,9 @@ from quantdiag.analysis.sensitivity import injection_summary, sensitivity_summar
 from quantdiag.analysis.similarity import ENERGY
 from quantdiag.config import RunConfig
 from quantdiag.model.load import DEFAULT_MODEL
-from quantdiag.quant.spec import REFERENCE_BITS, PrecisionPlan, QuantSpec
-from quantdiag.state import Analyses, Evaluated, PromptSet, RunContext
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+from quantdiag.state import Analyses, Evaluated, Groups, PromptSet, RunContext, SubsetArrays
 from quantdiag.verdict import rules, verdict_of
-
-Groups = dict[str, dict[str, np.ndarray]]  # method -> subset name -> fact rows
 
 SCHEMA_VERSION = 2
 REFERENCE_NOTE_SMOLLM2 = (
@@ -110,7 +108,7 @@ def _facts(prompts: PromptSet) -> dict:
 
 def _subsets(config: RunConfig, evaluated: list[Evaluated], groups: Groups) -> dict:
     """Per method: the setting that defines its subsets, and each subset's size."""
-    definers = [item.spec for item in evaluated if item.spec.defines_subsets(config.subset_bits)]
+    definers = [item.setting for item in evaluated if item.setting.defines_subsets(config.subset_bits)]
     return {
         method: {
             "defined_by": next(spec.label for spec in definers if spec.method == method),
@@ -133,52 +131,53 @@ def _causal_options(config: RunConfig) -> dict:
 
 def _setting(context: RunContext, item: Evaluated, groups: Groups, analyses: Analyses) -> dict:
     """One setting's recall and lens, then the summary of each analysis that ran on it."""
-    setting, key = _scores(context, item, groups), item.setting
-    if key in analyses.causal:
-        setting["causal"] = _causal(context, analyses.causal[key])
+    setting, compared = _scores(context, item, groups), item.setting
+    if compared in analyses.causal:
+        setting["causal"] = _causal(context, analyses.causal[compared])
     if analyses.components:
         setting["components"] = {
-            f"{m}:{name}": component_curves(analyses.components, key, rows)
+            f"{m}:{name}": component_curves(analyses.components, compared, rows)
             for m, named in groups.items()
             if setting["method"] in (None, m)
             for name, rows in named.items()
         }
-    if key in analyses.representations:
-        arrays = analyses.representations[key]
-        subsets = sorted({name.split("/")[0] for name in arrays})
-        setting["representations"] = {subset: representation_summary(arrays, subset) for subset in subsets}
-    if key in analyses.sensitivity:
-        setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[key])
-    if key in analyses.repairs:
-        setting["repairs"] = repair_summary(analyses.repairs[key])
+    if compared in analyses.representations:
+        staged = analyses.representations[compared]
+        setting["representations"] = {
+            subset: representation_summary(staged.arrays, subset) for subset in sorted(staged.subsets)
+        }
+    if compared in analyses.sensitivity:
+        setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[compared])
+    if compared in analyses.repairs:
+        setting["repairs"] = repair_summary(analyses.repairs[compared])
     return setting
 
 
 def _scores(context: RunContext, item: Evaluated, groups: Groups) -> dict:
     """A setting's name, widths, recall and lens curves (the reference's on every subset too)."""
-    spec, facts = item.spec, context.prompts.facts
-    if spec is None:
+    setting, facts = item.setting, context.prompts.facts
+    if setting == REFERENCE:
         lens_groups = {"all": np.arange(len(facts))}
         lens_groups |= {f"{m}:{name}": rows for m, named in groups.items() for name, rows in named.items()}
     else:
-        lens_groups = {f"{spec.method}:{name}": rows for name, rows in groups.get(spec.method, {}).items()}
+        lens_groups = {f"{setting.method}:{name}": rows for name, rows in groups.get(setting.method, {}).items()}
     tokenizer, fact_of_robustness = context.loaded.tokenizer, context.prompts.fact_of_robustness
     return {
-        "key": item.setting,
-        "label": "Reference" if spec is None else spec.label,
-        "method": None if spec is None else spec.method,
-        "bits": REFERENCE_BITS if spec is None else spec.bits,
-        "average_bits": context.bank.average_bits(PrecisionPlan.uniform(item.setting)),
+        "key": setting.key,
+        "label": setting.label,
+        "method": setting.method,
+        "bits": setting.bits,
+        "average_bits": context.bank.average_bits(PrecisionPlan.uniform(setting)),
         "recall": recall_summary(facts, item.scores, tokenizer, item.robustness, fact_of_robustness),
         "lens": {name: lens_curves(item.scores, rows) for name, rows in lens_groups.items()},
     }
 
 
-def _causal(context: RunContext, arrays: dict[str, np.ndarray]) -> dict:
+def _causal(context: RunContext, staged: SubsetArrays) -> dict:
     """Per subset: the grouped heatmaps, and the per-token view of the subset's first prompt."""
-    prompts, tokenizer = context.prompts, context.loaded.tokenizer
+    prompts, tokenizer, arrays = context.prompts, context.loaded.tokenizer, staged.arrays
     out = {}
-    for subset in sorted({key.split("/")[0] for key in arrays}):
+    for subset in sorted(staged.subsets):
         out[subset] = subset_summary(arrays, subset)
         if f"{subset}/patching/resid" in arrays:
             prompt = prompts.primary[int(arrays[f"{subset}/rows"][0])]
@@ -201,7 +200,7 @@ def _notes(context: RunContext, evaluated: list[Evaluated]) -> list[str]:
         notes.append(DROPPED_NOTE.format(count=dropped))
     if config.model == DEFAULT_MODEL:
         notes.insert(0, REFERENCE_NOTE_SMOLLM2)
-    quantized = [item.spec for item in evaluated if isinstance(item.spec, QuantSpec)]
+    quantized = [item.setting for item in evaluated if isinstance(item.setting, QuantSpec)]
     if quantized:
         fallbacks = bank.group_size_fallbacks(quantized[0])
         notes += [

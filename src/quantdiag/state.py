@@ -17,8 +17,12 @@ from quantdiag.data.facts import Fact, Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.checkpoint import ComparedSpec
+from quantdiag.quant.spec import Setting
 from quantdiag.runs import RunDir
 from quantdiag.storage import cache_key
+
+#: Method -> subset name -> fact rows.
+Groups = dict[str, dict[str, np.ndarray]]
 
 
 @dataclass
@@ -45,24 +49,42 @@ class PromptSet:
 
 @dataclass
 class Evaluated:
-    """One model setting's scores on the primary and robustness prompts."""
+    """One model setting's scores on the primary and robustness prompts: the reference's, or a
+    compared setting's (a ``ComparedSpec``)."""
 
-    setting: str
-    spec: ComparedSpec | None
+    setting: Setting
     scores: Scores
     robustness: Scores
+
+
+@dataclass
+class SubsetArrays:
+    """One setting's arrays of an analysis run subset by subset: ``{subset}/{name}`` in ``arrays``
+    (as cached and saved) for each name in ``subsets``."""
+
+    subsets: list[str]
+    arrays: dict[str, np.ndarray]
 
 
 @dataclass
 class Analyses:
     """The arrays of the optional analyses; empty where an analysis did not run."""
 
-    causal: dict[str, dict[str, np.ndarray]]  # setting -> causal arrays
+    causal: dict[Setting, SubsetArrays]
     components: dict[str, np.ndarray]
-    representations: dict[str, dict[str, np.ndarray]]  # setting -> statistics
-    sensitivity: dict[str, dict[str, np.ndarray]]  # setting -> per-prompt correctness under plans
+    representations: dict[Setting, SubsetArrays]  # statistics per subset
+    sensitivity: dict[Setting, dict[str, np.ndarray]]  # per-prompt correctness under plans
     injection: dict[str, dict[str, np.ndarray]]  # method -> signal injection into its 2-bit setting
-    repairs: dict[str, dict[str, np.ndarray]]  # setting -> repair table
+    repairs: dict[Setting, dict[str, np.ndarray]]  # the repair table
+
+    def per_setting(self) -> dict[str, dict[Setting, dict[str, np.ndarray]]]:
+        """Each per-setting analysis's arrays by its name (what ``arrays.npz`` holds)."""
+        return {
+            "causal": {setting: staged.arrays for setting, staged in self.causal.items()},
+            "representations": {setting: staged.arrays for setting, staged in self.representations.items()},
+            "sensitivity": self.sensitivity,
+            "repairs": self.repairs,
+        }
 
 
 @dataclass(frozen=True)
@@ -77,12 +99,12 @@ class RunContext:
     config: RunConfig
     specs: Sequence[ComparedSpec] = ()
 
-    def stage_key(self, settings: str | list[str], *parts) -> str:
+    def stage_key(self, settings: Setting | list[Setting], *parts) -> str:
         """A stage's cache key: the code versions, the model, the device kind it runs on (a GPU's
         kernels round differently), the weight files of ``settings`` (with the calibration they
         depend on), the prompts and ``parts``."""
         names = (
-            self.bank.path(settings).name if isinstance(settings, str) else [self.bank.path(s).name for s in settings]
+            [self.bank.path(s).name for s in settings] if isinstance(settings, list) else self.bank.path(settings).name
         )
         return cache_key(self.loaded.fingerprint, self.loaded.device.type, names, self.prompts.digest, *parts)
 

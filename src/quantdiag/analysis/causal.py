@@ -22,7 +22,7 @@ from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.stack import trace_stack
 from quantdiag.quant.bank import WeightBank
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class CausalPlan:
     window: int = 1
     max_tokens: int = MAX_TOKENS
 
-    def sweeps(self, setting: str) -> list[tuple[str, Sweep]]:
+    def sweeps(self, setting: Setting) -> list[tuple[str, Sweep]]:
         """(analysis, sweep) pairs; patching the reference into itself is skipped (a no-op)."""
         wanted = [a for a in self.analyses if not (a == "patching" and setting == REFERENCE)]
         return [(analysis, Sweep(kind, self.window)) for analysis in wanted for kind in self.kinds]
@@ -50,7 +50,7 @@ class _Batch:
 def causal_arrays(
     loaded: LoadedModel,
     bank: WeightBank,
-    setting: str,
+    setting: Setting,
     subsets: dict[str, Sequence[Prompt]],
     plan: CausalPlan,
     batch_size: int,
@@ -68,7 +68,7 @@ def causal_arrays(
     arrays: dict[str, np.ndarray] = {}
     progress = tqdm(
         total=sum(len(items) for items in batches.values()) * len(sweeps),
-        desc=f"causal {setting}",
+        desc=f"causal {setting.label}",
         unit="sweep",
         leave=False,
     )
@@ -86,7 +86,7 @@ def _subset_arrays(
     prompts: Sequence[Prompt],
     batches: list[_Batch],
     references: list[Trace],
-    setting: str,
+    setting: Setting,
     sweeps: list[tuple[str, Sweep]],
     plan: CausalPlan,
     progress: tqdm,

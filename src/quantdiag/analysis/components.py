@@ -20,7 +20,7 @@ from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.probes import capture, eager_attention
 from quantdiag.quant.bank import WeightBank
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting
 
 #: Metrics of every model, and metrics of a compared model against the reference.
 OWN_METRICS = ("entropy_subject", "entropy_last")
@@ -110,14 +110,14 @@ def _pair(acts: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[s
 
 @torch.inference_mode()
 def component_arrays(
-    loaded: LoadedModel, bank: WeightBank, settings: Sequence[str], prompts: Sequence[Prompt], batch_size: int
+    loaded: LoadedModel, bank: WeightBank, settings: Sequence[Setting], prompts: Sequence[Prompt], batch_size: int
 ) -> dict[str, np.ndarray]:
     """``{setting}/{metric}`` (prompts x layers) for the reference and each of ``settings``:
     entropies for every model, the comparisons with the reference for the settings. Batch by
     batch, the reference and then each setting run, so no activation outlives its batch."""
     n, layers = len(prompts), loaded.adapter.n_layers
-    out = {f"{REFERENCE}/{m}": np.full((n, layers), np.nan) for m in OWN_METRICS}
-    out |= {f"{s}/{m}": np.full((n, layers), np.nan) for s in settings for m in OWN_METRICS + PAIR_METRICS}
+    out = {f"{REFERENCE.key}/{m}": np.full((n, layers), np.nan) for m in OWN_METRICS}
+    out |= {f"{s.key}/{m}": np.full((n, layers), np.nan) for s in settings for m in OWN_METRICS + PAIR_METRICS}
     with eager_attention(loaded.model):
         for batch in tqdm(length_batches(prompts, batch_size), desc="components", unit="batch", leave=False):
             ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
@@ -125,24 +125,24 @@ def component_arrays(
             bank.apply(PrecisionPlan.uniform(REFERENCE))
             reference = _activations(loaded, ids, subject)
             for name, values in _own(reference, subject, ids.shape[1]).items():
-                out[f"{REFERENCE}/{name}"][batch] = values.cpu().numpy()
+                out[f"{REFERENCE.key}/{name}"][batch] = values.cpu().numpy()
             for setting in settings:
                 bank.apply(PrecisionPlan.uniform(setting))
                 acts = _activations(loaded, ids, subject)
                 for name, values in (_own(acts, subject, ids.shape[1]) | _pair(acts, reference)).items():
-                    out[f"{setting}/{name}"][batch] = values.cpu().numpy()
+                    out[f"{setting.key}/{name}"][batch] = values.cpu().numpy()
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     return out
 
 
-def component_curves(arrays: dict[str, np.ndarray], setting: str, rows: np.ndarray) -> dict[str, list] | None:
+def component_curves(arrays: dict[str, np.ndarray], setting: Setting, rows: np.ndarray) -> dict[str, list] | None:
     """Per metric of ``setting``, the mean per layer over the prompts ``rows`` (indices into the
     run's facts; ``arrays["rows"]`` says which facts the arrays hold); ``None`` if empty."""
     if len(rows) == 0:
         return None
     at = np.searchsorted(arrays["rows"], rows)
     return {
-        key.removeprefix(f"{setting}/"): as_json(mean_over_prompts(arrays[key][at]))
+        key.removeprefix(f"{setting.key}/"): as_json(mean_over_prompts(arrays[key][at]))
         for key in arrays
-        if key.startswith(f"{setting}/")
+        if key.startswith(f"{setting.key}/")
     }

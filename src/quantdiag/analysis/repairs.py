@@ -27,7 +27,7 @@ from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.plans import blocks_plan
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, Setting
 from quantdiag.verdict.thresholds import EARLY_DIVISOR
 
 #: Fewer Failure prompts than this and a setting gets no repairs (no dev split to tune on and test
@@ -46,16 +46,10 @@ def repairable(spec: ComparedSpec, groups: Mapping[str, Mapping[str, np.ndarray]
     return len(groups.get(spec.method, {}).get("failure", [])) >= MIN_FAILURE
 
 
-def protect_spec(spec: ComparedSpec) -> QuantSpec | None:
+def protect_setting(spec: ComparedSpec) -> Setting:
     """The setting protected weights of ``spec`` get: its method's ``PROTECT_BITS``-bit one;
-    ``None`` (the reference) for a checkpoint, which has no other widths."""
-    return replace(spec, bits=PROTECT_BITS) if isinstance(spec, QuantSpec) else None
-
-
-def protect_setting(spec: ComparedSpec) -> str:
-    """The key of ``protect_spec(spec)``, the reference's for a checkpoint."""
-    protect = protect_spec(spec)
-    return REFERENCE if protect is None else protect.key
+    the reference for a checkpoint, which has no other widths."""
+    return replace(spec, bits=PROTECT_BITS) if isinstance(spec, QuantSpec) else REFERENCE
 
 
 def protected_blocks(layers: int, half_damage_block: int | None, given: int | None) -> int:
@@ -75,7 +69,7 @@ def excess_kurtosis(weight: torch.Tensor) -> float:
     return float((centred**4).mean() / (centred**2).mean() ** 2 - 3)
 
 
-def kurtosis_plan(bank: WeightBank, setting: str, protect: str, budget: float) -> PrecisionPlan:
+def kurtosis_plan(bank: WeightBank, setting: Setting, protect: Setting, budget: float) -> PrecisionPlan:
     """``setting`` everywhere, then the reference's highest-kurtosis linears at ``protect``, one
     by one, while the average bits stay within ``budget``."""
     bank.apply(PrecisionPlan.uniform(REFERENCE))
@@ -92,8 +86,8 @@ def kurtosis_plan(bank: WeightBank, setting: str, protect: str, budget: float) -
 def repair_arrays(
     loaded: LoadedModel,
     bank: WeightBank,
-    setting: str,
-    protect: str,
+    setting: Setting,
+    protect: Setting,
     failure: Sequence[Prompt],
     robust: Sequence[Prompt],
     blocks: int,

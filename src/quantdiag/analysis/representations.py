@@ -27,7 +27,7 @@ from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.probes import capture
 from quantdiag.quant.bank import WeightBank
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting
 
 STREAMS = tuple(KIND_SITES)
 POSITIONS = ("subject", "last")
@@ -40,7 +40,7 @@ SUBSPACE_METRICS = ("activation", "error", "k")
 def representation_arrays(
     loaded: LoadedModel,
     bank: WeightBank,
-    setting: str,
+    setting: Setting,
     subset_prompts: Mapping[str, Sequence[Prompt]],
     batch_size: int,
     workdir: Path | None = None,
@@ -66,7 +66,7 @@ def representation_arrays(
 
 
 def _spill(
-    loaded: LoadedModel, bank: WeightBank, setting: str, prompts: Sequence[Prompt], batch_size: int, folder: Path
+    loaded: LoadedModel, bank: WeightBank, setting: Setting, prompts: Sequence[Prompt], batch_size: int, folder: Path
 ) -> dict[tuple[str, str], LayerRows]:
     """Every stream's rows at both positions for ``setting``, in prompt order, on disk."""
     adapter = loaded.adapter
@@ -78,7 +78,7 @@ def _spill(
     bank.apply(PrecisionPlan.uniform(setting))
     # Rows go to disk in batch order; it is the same for every model, so rows stay aligned.
     for batch in tqdm(
-        length_batches(prompts, batch_size), desc=f"representations {setting}", unit="batch", leave=False
+        length_batches(prompts, batch_size), desc=f"representations {setting.label}", unit="batch", leave=False
     ):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         subject = torch.tensor([prompts[i].last_subject for i in batch], device=loaded.device)

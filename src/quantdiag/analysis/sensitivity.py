@@ -21,7 +21,7 @@ from quantdiag.model.stack import run_block, trace_stack
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.plans import COMPONENT_GROUPS, blocks_plan, component_plan
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting
 
 #: Signal injection goes into each method's setting of this width...
 INJECTION_LOW_BITS = 2
@@ -38,13 +38,13 @@ def correct_under(
 
 
 def sensitivity_arrays(
-    loaded: LoadedModel, bank: WeightBank, setting: str, prompts: Sequence[Prompt], batch_size: int
+    loaded: LoadedModel, bank: WeightBank, setting: Setting, prompts: Sequence[Prompt], batch_size: int
 ) -> dict[str, np.ndarray]:
     """Per-prompt correctness with ``setting`` in blocks 0..k (``domino``, layers x prompts), in
     block k alone (``single``, layers x prompts) and in one component group of every block
     (``component/<group>``, prompts)."""
     domino, single = block_sweeps(loaded, bank, setting, prompts, batch_size)
-    groups = tqdm(COMPONENT_GROUPS, desc=f"components {setting}", unit="plan", leave=False)
+    groups = tqdm(COMPONENT_GROUPS, desc=f"components {setting.label}", unit="plan", leave=False)
     components = {
         f"component/{g}": correct_under(
             loaded, bank, component_plan(loaded.adapter.arch, setting, g), prompts, batch_size
@@ -57,7 +57,7 @@ def sensitivity_arrays(
 
 @torch.inference_mode()
 def block_sweeps(
-    loaded: LoadedModel, bank: WeightBank, setting: str, prompts: Sequence[Prompt], batch_size: int
+    loaded: LoadedModel, bank: WeightBank, setting: Setting, prompts: Sequence[Prompt], batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Correctness (layers x prompts) of the domino and single-block tests, without recomputing
     shared prefixes: the reference and ``setting`` are traced once per batch; domino k resumes
@@ -66,7 +66,7 @@ def block_sweeps(
     adapter, layers = loaded.adapter, loaded.adapter.n_layers
     correct = {test: np.zeros((layers, len(prompts)), dtype=bool) for test in ("domino", "single")}
     for batch in tqdm(
-        length_batches(prompts, batch_size), desc=f"domino and single blocks {setting}", unit="batch", leave=False
+        length_batches(prompts, batch_size), desc=f"domino and single blocks {setting.label}", unit="batch", leave=False
     ):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         targets = torch.tensor([prompts[i].target for i in batch])
@@ -89,10 +89,10 @@ def block_sweeps(
     return correct["domino"], correct["single"]
 
 
-def injection_settings(method: str, specs: Iterable[ComparedSpec]) -> tuple[str, list[str]] | None:
+def injection_settings(method: str, specs: Iterable[ComparedSpec]) -> tuple[Setting, list[Setting]] | None:
     """The setting signal injection of ``method`` goes into and those it injects from (the
     reference first), among ``specs``; ``None`` when the run has no low setting of ``method``."""
-    by_bits = {spec.bits: spec.key for spec in specs if spec.method == method}
+    by_bits = {spec.bits: spec for spec in specs if spec.method == method}
     if INJECTION_LOW_BITS not in by_bits:
         return None
     return by_bits[INJECTION_LOW_BITS], [REFERENCE] + [by_bits[bits] for bits in INJECTION_HIGH_BITS if bits in by_bits]
@@ -100,7 +100,12 @@ def injection_settings(method: str, specs: Iterable[ComparedSpec]) -> tuple[str,
 
 @torch.inference_mode()
 def injection_arrays(
-    loaded: LoadedModel, bank: WeightBank, low: str, highs: Sequence[str], prompts: Sequence[Prompt], batch_size: int
+    loaded: LoadedModel,
+    bank: WeightBank,
+    low: Setting,
+    highs: Sequence[Setting],
+    prompts: Sequence[Prompt],
+    batch_size: int,
 ) -> dict[str, np.ndarray]:
     """Signal injection: for each high setting and k = 0..L, blocks below k at that setting and
     the rest at ``low``. ``cosine`` (highs x L+1 x layers): mean cosine of the last token's
@@ -109,7 +114,7 @@ def injection_arrays(
     adapter, layers = loaded.adapter, loaded.adapter.n_layers
     cosine = np.zeros((len(highs), layers + 1, layers))
     correct = np.zeros((len(highs), layers + 1))
-    for batch in tqdm(length_batches(prompts, batch_size), desc=f"injection into {low}", unit="batch"):
+    for batch in tqdm(length_batches(prompts, batch_size), desc=f"injection into {low.label}", unit="batch"):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         targets = torch.tensor([prompts[i].target for i in batch])
         bank.apply(PrecisionPlan.uniform(REFERENCE))

@@ -21,16 +21,7 @@ from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, checkpoint_
 from quantdiag.quant.eora import eora_weights
 from quantdiag.quant.gptq import gptq_dequantized
 from quantdiag.quant.rtn import rtn_dequantized
-from quantdiag.quant.spec import (
-    REFERENCE,
-    PrecisionPlan,
-    QuantSpec,
-    average_bits,
-    effective_group_size,
-    eora_key,
-    is_checkpoint,
-    split_eora,
-)
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Setting, average_bits, compensated
 from quantdiag.storage import UNREADABLE, atomic_file, cache_key, cache_root, entry_lock, load_or_build, read_entry
 
 log = logging.getLogger(__name__)
@@ -50,22 +41,21 @@ class WeightBank:
         self.modules: dict[str, nn.Linear] = {name: named[name] for name in self.adapter.linear_names()}
         self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
         self.layers = {name: self.adapter.linear_kind(name)[0] for name in self.modules}
-        self.current = dict.fromkeys(self.modules, REFERENCE)
-        self._handles: dict[str, object] = {}
+        self.current: dict[str, Setting] = dict.fromkeys(self.modules, REFERENCE)
+        self._handles: dict[Setting, object] = {}
         self._cache(REFERENCE, lambda: {name: module.weight for name, module in self.modules.items()})
 
-    def path(self, setting: str) -> Path:
+    def path(self, setting: Setting) -> Path:
         """Cache file of a setting, in a folder of the model's fingerprint and the code versions;
-        GPTQ's and EoRA's depend on the calibration tokens too (a checkpoint's key has its files'
-        version in it)."""
-        base, rank = split_eora(setting)
-        if not rank and (base == REFERENCE or is_checkpoint(base) or QuantSpec.from_key(base).method == "rtn"):
-            return self.root / f"{setting}.safetensors"
+        a setting that reads the calibration tokens (GPTQ, EoRA) names their hash too (a
+        checkpoint's key has its files' version in it)."""
+        if not setting.reads_calibration:
+            return self.root / f"{setting.key}.safetensors"
         if self.calibration is None:
-            raise ValueError("GPTQ and EoRA settings need a calibration set")
-        return self.root / f"{setting}-calib{self.calibration.digest}.safetensors"
+            raise ValueError(f"{setting.label} needs a calibration set")
+        return self.root / f"{setting.key}-calib{self.calibration.digest}.safetensors"
 
-    def has(self, setting: str) -> bool:
+    def has(self, setting: Setting) -> bool:
         """Whether the setting's file is cached and readable."""
         try:
             self._check(self.path(setting))
@@ -86,29 +76,29 @@ class WeightBank:
                 return {name: self._rtn(module, spec) for name, module in self.modules.items()}
             return gptq_dequantized(self.adapter, self.calibration.ids, spec)
 
-        self._cache(spec.key, compute)
+        self._cache(spec, compute)
 
-    def ensure_eora(self, settings: list[str], rank: int) -> None:
+    def ensure_eora(self, settings: list[Setting], rank: int) -> None:
         """Compute the rank-``rank`` EoRA compensation of each setting not cached yet, a pass over
         the calibration set for every ``EORA_SETTINGS_PER_PASS`` of them (a pass holds their
         compensated weights in memory), holding their files' locks; the model is left at the
         reference."""
-        missing = [setting for setting in dict.fromkeys(settings) if not self.has(eora_key(setting, rank))]
+        missing = [setting for setting in dict.fromkeys(settings) if not self.has(compensated(setting, rank))]
         for start in range(0, len(missing), EORA_SETTINGS_PER_PASS):
             chunk = missing[start : start + EORA_SETTINGS_PER_PASS]
             with ExitStack() as locks:
-                for path in sorted(self.path(eora_key(setting, rank)) for setting in chunk):
+                for path in sorted(self.path(compensated(setting, rank)) for setting in chunk):
                     locks.enter_context(entry_lock(path))
-                chunk = [s for s in chunk if read_entry(self.path(eora_key(s, rank)), self._check) is None]
+                chunk = [s for s in chunk if read_entry(self.path(compensated(s, rank)), self._check) is None]
                 if not chunk:
                     continue
                 self.apply(PrecisionPlan.uniform(REFERENCE))
-                compensated = eora_weights(self.adapter, self.calibration.ids, chunk, rank, self._tensor)
-                for setting, weights in compensated.items():
-                    with atomic_file(self.path(eora_key(setting, rank))) as tmp:
-                        self._write(eora_key(setting, rank), weights, tmp)
+                corrected = eora_weights(self.adapter, self.calibration.ids, chunk, rank, self._tensor)
+                for setting, weights in corrected.items():
+                    with atomic_file(self.path(compensated(setting, rank))) as tmp:
+                        self._write(compensated(setting, rank), weights, tmp)
 
-    def assignment(self, plan: PrecisionPlan) -> dict[str, str]:
+    def assignment(self, plan: PrecisionPlan) -> dict[str, Setting]:
         """Module name -> setting under ``plan``."""
         return {name: plan.setting_for(name, self.layers[name]) for name in self.modules}
 
@@ -129,18 +119,17 @@ class WeightBank:
     def group_size_fallbacks(self, spec: QuantSpec) -> dict[int, int]:
         """Input widths that ``spec.group_size`` does not divide -> the group size used there."""
         widths = {module.in_features for module in self.modules.values()}
-        return {w: effective_group_size(w, spec.group_size) for w in sorted(widths) if w % spec.group_size}
+        return {w: spec.group_for(w) for w in sorted(widths) if spec.group_for(w) != spec.group_size}
 
     def _rtn(self, module: nn.Linear, spec: QuantSpec) -> torch.Tensor:
-        group = effective_group_size(module.in_features, spec.group_size)
-        return rtn_dequantized(module.weight, spec.bits, group, spec.sym)
+        return rtn_dequantized(module.weight, spec.bits, spec.group_for(module.in_features), spec.sym)
 
-    def _cache(self, setting: str, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+    def _cache(self, setting: Setting, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
         """The setting's file: read if cached and readable, else ``compute()`` and saved, under its lock."""
         load_or_build(self.path(setting), self._check, lambda tmp: self._write(setting, compute(), tmp))
 
-    def _write(self, setting: str, weights: dict[str, torch.Tensor], tmp: Path) -> Path:
-        log.info("caching %s weights in %s", setting, self.path(setting))
+    def _write(self, setting: Setting, weights: dict[str, torch.Tensor], tmp: Path) -> Path:
+        log.info("caching %s weights in %s", setting.key, self.path(setting))
         save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(tmp))
         return tmp
 
@@ -152,10 +141,10 @@ class WeightBank:
             raise ValueError("its tensors are not this model's linears")
         return path
 
-    def _tensor(self, setting: str, name: str) -> torch.Tensor:
+    def _tensor(self, setting: Setting, name: str) -> torch.Tensor:
         return self._handle(setting).get_tensor(name)
 
-    def _handle(self, setting: str):
+    def _handle(self, setting: Setting):
         """An open, memory-mapped reader per setting file."""
         if setting not in self._handles:
             self._handles[setting] = safe_open(str(self.path(setting)), framework="pt", device="cpu")

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from gguf import GGUFReader
@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.arch import check_supported
 from quantdiag.model.load import converted_gguf, folder_config, gguf_family, gguf_reader
-from quantdiag.quant.spec import REFERENCE_BITS, QuantSpec, checkpoint_key
+from quantdiag.quant.spec import REFERENCE_BITS, QuantSpec
 from quantdiag.storage import content_hash, file_digest
 
 #: Tensor name -> the open safetensors reader that holds it.
@@ -43,10 +43,14 @@ class CheckpointSpec:
     name: str
     version: str  # changes when the files do: part of the cache key
     quantization: Mapping | None = field(default=None, compare=False)  # its quantization_config
+    eora_rank: ClassVar[int] = 0
+    #: Its weights are read from its files, whatever the calibration.
+    reads_calibration: ClassVar[bool] = False
 
     @property
     def key(self) -> str:
-        return checkpoint_key(self.bits, self.method, self.version)
+        """``ckpt-w<bits>-<name>-<version>`` (a GGUF's bits as measured, e.g. ``ckpt-w4.5-..``)."""
+        return f"ckpt-w{self.bits:g}-{self.method}-{self.version}"
 
     @property
     def method(self) -> str:

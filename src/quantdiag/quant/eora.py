@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from quantdiag.model.arch import Adapter
 from quantdiag.model.stack import calibration_inputs, run_block_batches
+from quantdiag.quant.spec import Setting
 
 #: Eigenvalues below this share of the largest are floored (directions the inputs never use).
 _FLOOR = 1e-7
@@ -49,15 +50,15 @@ def _factors(
 def eora_weights(
     adapter: Adapter,
     calibration_ids: torch.Tensor,
-    settings: Sequence[str],
+    settings: Sequence[Setting],
     rank: int,
-    quantized: Callable[[str, str], torch.Tensor],
+    quantized: Callable[[Setting, str], torch.Tensor],
     batch_size: int = 8,
-) -> dict[str, dict[str, torch.Tensor]]:
+) -> dict[Setting, dict[str, torch.Tensor]]:
     """Per setting, every block linear's compensated weight ``W_q + B A`` (CPU, model dtype).
     The model must hold the reference weights; ``quantized(setting, name)`` gives ``W_q``."""
     hidden, kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
-    out: dict[str, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
+    out: dict[Setting, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"EoRA rank {rank}", unit="block")):
         linears = {kind: block.get_submodule(path) for kind, path in adapter.arch.linears}
         # The true-sequential groups (q/k/v, o, gate/up, down) are the linears sharing an input.

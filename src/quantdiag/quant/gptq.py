@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from quantdiag.model.arch import Adapter
 from quantdiag.model.stack import calibration_inputs, run_block_batches
-from quantdiag.quant.spec import QuantSpec, effective_group_size
+from quantdiag.quant.spec import QuantSpec
 
 
 class _StopForward(Exception):
@@ -62,7 +62,7 @@ def _gptqmodel():
 
 
 def _solver(solver_class, config_class, linear: nn.Linear, spec: QuantSpec):
-    group_size = effective_group_size(linear.in_features, spec.group_size)
+    group_size = spec.group_for(linear.in_features)
     config = config_class(bits=spec.bits, group_size=group_size, sym=spec.sym, desc_act=False, offload_to_disk=False)
     solver = solver_class(linear, config)
     solver.quantizer.configure(perchannel=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from quantdiag.model.arch import Arch
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Rule
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Rule, Setting
 
 #: Component groups of the paper's Table 5, as the Arch's linear kinds.
 COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
@@ -22,14 +22,14 @@ COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def blocks_plan(setting: str, start: int, stop: int, default: str = REFERENCE) -> PrecisionPlan:
+def blocks_plan(setting: Setting, start: int, stop: int, default: Setting = REFERENCE) -> PrecisionPlan:
     """Blocks ``start..stop-1`` at ``setting``, every other block at ``default``. Domino: (0, k+1);
     single layer: (k, k+1); injection and early protection: a high setting on (0, k) over a low
     default."""
     return PrecisionPlan(default=default, rules=(Rule(setting, layers=(start, stop)),))
 
 
-def component_plan(arch: Arch, setting: str, group: str) -> PrecisionPlan:
+def component_plan(arch: Arch, setting: Setting, group: str) -> PrecisionPlan:
     """The linears of one component group at ``setting`` in every block, the rest at reference."""
     paths = dict(arch.linears)
     pattern = "|".join(rf"\.{re.escape(paths[kind])}$" for kind in COMPONENT_GROUPS[group])
