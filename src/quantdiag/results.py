@@ -75,6 +75,7 @@ def build_results(
         "settings": settings,
         "notes": _notes(context, evaluated),
         "verdict_rules": rules(),
+        "profile": context.run_dir.profiler.to_json(),
     }
     for setting in settings[1:]:
         setting["verdict"] = verdict_of(results, setting)
