@@ -60,8 +60,9 @@ def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank].T
     on_gpu = matrix.is_cuda
+    generator = torch.cuda.default_generators[matrix.device.index] if on_gpu else torch.random.default_generator
     with torch.random.fork_rng(devices=[matrix.device] if on_gpu else []):
-        (torch.cuda.default_generators[matrix.device.index] if on_gpu else torch.random.default_generator).manual_seed(0)
+        generator.manual_seed(0)
         u, s, v = torch.svd_lowrank(matrix, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
     return u[:, :rank], s[:rank], v[:, :rank]
 
