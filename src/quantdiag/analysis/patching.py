@@ -4,7 +4,9 @@ batch of prompts, one heatmap per call, and the naive loop it must equal.
 The engine runs a model's clean forward once per batch (:func:`trace`), then for each layer l
 resumes from the cached input of the first patched block with all (prompt, token) patches of that
 layer stacked as rows of one batch: layers below l are never recomputed, and only the last
-position goes through the unembedding. Cross-model patching writes the reference's values into
+position goes through the unembedding. The tokens before a patched token are clean too: each
+token's patches run from that token on, attending to the clean trace's keys and values of the
+tokens before it. Cross-model patching writes the reference's values into
 the compared model; zero ablation writes a model's own ``h_{l-1}`` (residual) or zeros (MLP,
 attention) into itself.
 """
@@ -159,9 +161,9 @@ def suffix_kwargs(kwargs: dict, start: int, length: int, implementation: str) ->
 
 
 def _device(kwargs: dict) -> torch.device | None:
-    """Where a block's arguments live (its rotary tables), for a mask built beside them."""
-    tables = kwargs.get("position_embeddings")
-    return tables[0].device if tables else None
+    """Where a block's arguments live (its rotary tables, positions), for a mask built beside them."""
+    tensors = [v for value in kwargs.values() for v in (value if isinstance(value, tuple) else (value,))]
+    return next((tensor.device for tensor in tensors if isinstance(tensor, torch.Tensor)), None)
 
 
 class _Prefix:
