@@ -13,11 +13,17 @@ from conftest import FAMILIES, tiny_model
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_block_params_are_the_blocks_linear_weights(family):
+    """Every linear of block 0 as transformers builds it; of routed experts only the active ones
+    (``num_experts_per_tok`` of ``num_experts``) run for a token."""
     loaded = tiny_model(family, layers=2)
-    shape = ModelShape.from_config(loaded.model.config)
-    block = loaded.adapter.blocks[0]
-    linears = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
-    assert shape.block_params == linears
+    config = loaded.model.config
+    shape = ModelShape.from_config(config)
+    linears = {
+        name: m.weight.numel() for name, m in loaded.adapter.blocks[0].named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    experts = sum(size for name, size in linears.items() if ".experts." in name)
+    active = experts * getattr(config, "num_experts_per_tok", 0) / (getattr(config, "num_experts", 0) or 1)
+    assert shape.block_params == sum(linears.values()) - experts + active
     assert (shape.layers, shape.hidden, shape.vocab) == (2, 64, 512)
 
 
