@@ -15,6 +15,8 @@ DEMO_CAUSAL ?= --causal-bits 4,2 --streams resid --patch-prompts 4
 # The domino and single-block sweeps cost about 1.5 min per setting here: the demo maps the 4- and
 # 2-bit settings (the paper's Fig. 10 and Table 2); repairs run for every setting.
 DEMO_SENSITIVITY ?= --sensitivity-bits 4,2
+# More options for the demo's run, e.g. DEMO_FLAGS=--profile (benchmarks/demo_time.py).
+DEMO_FLAGS ?=
 
 .PHONY: install install-test browser lint demo test bench clean
 
@@ -35,7 +37,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/quantdiag run --model smollm2 --relations $(DEMO_RELATIONS) --facts 40 $(DEMO_CAUSAL) $(DEMO_SENSITIVITY) --out $(DEMO_OUT)
+	$(BIN)/quantdiag run --model smollm2 --relations $(DEMO_RELATIONS) --facts 40 $(DEMO_CAUSAL) $(DEMO_SENSITIVITY) $(DEMO_FLAGS) --out $(DEMO_OUT)
 
 # The report's browser tests need Debian's chromium and chromium-driver: installed when missing
 # (where apt-get cannot, the browser tests skip and say why).
@@ -58,6 +60,7 @@ bench: install
 	$(BIN)/python benchmarks/components_memory.py
 	$(BIN)/python benchmarks/plans.py
 	$(BIN)/python benchmarks/fingerprint.py
+	$(BIN)/python benchmarks/eora_svd.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

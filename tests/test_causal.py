@@ -185,7 +185,9 @@ def test_causal_arrays_equal_a_plain_loop_of_patched_forwards(traced):
                 for map_name, value in cells.items():
                     message = f"{name} {analysis} {kind} {map_name}"
                     got_map = from_json(summary[analysis][kind][map_name])
-                    np.testing.assert_allclose(got_map, value, rtol=1e-4, atol=2e-6, err_msg=message)
+                    # restoration divides by p_reference - p_model: float32 rounding (the engine reuses the
+                    # clean keys and values, the loop recomputes them) grows by up to 1 / MIN_GAP
+                    np.testing.assert_allclose(got_map, value, rtol=1e-4, atol=1e-5, err_msg=message)
 
 
 @pytest.mark.parametrize("window", [2, 3])

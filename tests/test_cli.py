@@ -293,6 +293,7 @@ OFFERED = {
         "trust_remote_code",
         "analyses",
         "force",
+        "profile",
     ],
     "patch": ["analyses", "patch_prompts", "causal_bits", "streams", "window"],
     "sensitivity": ["sensitivity_bits"],

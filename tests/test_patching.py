@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantdiag.analysis.patching import Sweep, naive_sweep_probs, sweep_probs, trace
+from quantdiag.analysis.patching import (
+    MAX_TOKENS,
+    Sweep,
+    _chunks,
+    naive_sweep_probs,
+    suffix_kwargs,
+    sweep_probs,
+    trace,
+)
 from quantdiag.model.probes import replace
 from quantdiag.model.stack import run_block, trace_stack
 
@@ -52,6 +60,36 @@ def test_engine_equals_naive_loop(pair, sweep):
         assert (engine - naive).abs().max() < 1e-4
         # the interventions do something, so equality is not trivial
         assert (engine - compared.prob[:, None, None]).abs().max() > 1e-6
+
+
+def test_every_family_reuses_the_clean_keys_and_values_before_the_patched_token(pair):
+    """Each token's patches run from that token on (one block call per token): the engine's
+    speed-up applies to every family, not only where the naive-loop equality is checked."""
+    adapter, _, _, _, compared, kwargs = pair
+    starts = [start for _, _, start in _chunks(adapter, compared, kwargs, MAX_TOKENS)]
+    assert starts == list(range(LENGTH))
+    assert [start for _, _, start in _chunks(adapter, compared, kwargs, MAX_TOKENS, reuse=False)] == [0]
+
+
+def test_block_arguments_it_cannot_slice_run_over_all_tokens():
+    rotary = (torch.ones(1, 5, 4), torch.zeros(1, 5, 4))
+    kwargs = {"attention_mask": None, "position_embeddings": rotary, "position_ids": torch.arange(5)[None]}
+    sliced = suffix_kwargs(kwargs, 2, 5, "sdpa")
+    expected_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(sliced["attention_mask"][0, 0], expected_mask)
+    assert sliced["position_embeddings"][0].shape == (1, 3, 4) and sliced["position_ids"].tolist() == [[2, 3, 4]]
+    assert suffix_kwargs(kwargs | {"token_type_ids": torch.zeros(1, 5)}, 2, 5, "sdpa") is None
+    assert suffix_kwargs(kwargs, 2, 5, "eager") is None  # an eager forward always has its mask
+    assert suffix_kwargs(kwargs, 2, 5, "flash_attention_2") is None
+
+
+def test_reusing_keys_and_values_equals_running_every_token(pair):
+    adapter, _, targets, reference, compared, kwargs = pair
+    for sweep in (Sweep("resid"), Sweep("mlp", 3)):
+        values = reference.values(sweep.kind)
+        reused = sweep_probs(adapter, compared, kwargs, targets, sweep, values)
+        every = sweep_probs(adapter, compared, kwargs, targets, sweep, values, reuse=False)
+        torch.testing.assert_close(reused, every, atol=1e-6, rtol=1e-5)
 
 
 def test_chunking_does_not_change_results(pair):

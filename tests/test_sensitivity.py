@@ -50,9 +50,7 @@ def test_plans_assign_the_blocks_and_components_they_name(llama):
     injected = bank.assignment(blocks_plan(HIGH, 0, 2, default=LOW))
     assert all((s == HIGH) == (bank.layers[n] < 2) and s in (HIGH, LOW) for n, s in injected.items())
     for group, kinds in COMPONENT_GROUPS.items():
-        chosen = {
-            n for n, s in bank.assignment(component_plan(llama.adapter.arch, LOW, group)).items() if s == LOW
-        }
+        chosen = {n for n, s in bank.assignment(component_plan(llama.adapter.arch, LOW, group)).items() if s == LOW}
         assert chosen == {n for n in bank.modules if llama.adapter.linear_kind(n)[1] in kinds}, group
 
 

@@ -127,7 +127,7 @@ DIAGNOSE = Options(
     (
         *("compare", "model", "facts_per_relation", "facts_file", "relations", "calib", "calib_samples"),
         *("calib_length", "out", "device", "dtype", "preset", "batch_size", "seed", "trust_remote_code", "analyses"),
-        "force",
+        *("force", "profile"),
     ),
     renamed={"model": "reference"},
     defaults={"out": "runs/diagnose"},

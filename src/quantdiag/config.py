@@ -133,6 +133,9 @@ class RunConfig:
     seed: int = option(0, "seed of fact sampling and calibration text")
     all_facts: bool = False  # set by --facts all
     force: bool = option(False, "write into --out even if it holds files that are not a quantdiag run's")
+    profile: bool = option(
+        False, "record each stage's wall, CPU and device time and peak memory (results.json, report)"
+    )
 
     def checked(self) -> RunConfig:
         """Fill unset sizes from the preset and check every value that needs no file; raises

@@ -23,7 +23,8 @@ from quantdiag.analysis.sensitivity import half_damage_block, injection_arrays, 
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
 from quantdiag.errors import QuantdiagError
-from quantdiag.model.load import LoadedModel, load_reference
+from quantdiag.model.load import LoadedModel, load_reference, resolve_device
+from quantdiag.profiling import Profiler
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.checkpoint import ComparedSpec
@@ -41,19 +42,19 @@ def run(config: RunConfig) -> RunResult:
     resolved = resolve(config)
     config, specs = resolved.config, resolved.specs
     sweep_leftovers(cache_root())
-    loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
-    prompts = build_prompts(loaded, resolved.facts, config)
+    profiler = Profiler(config.profile, resolve_device(config.device))
+    with profiler.stage("load"):
+        loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
+        prompts = build_prompts(loaded, resolved.facts, config)
     facts = prompts.facts
-    needs_calibration = any(spec.reads_calibration for spec in specs) or bool(repair_specs(config, specs))
-    calibration = (
-        load_calibration(loaded, config.calib, config.calib_samples, config.calib_length, config.seed)
-        if needs_calibration
-        else None
-    )
+    calibration = None
+    if any(spec.reads_calibration for spec in specs) or repair_specs(config, specs):
+        with profiler.stage("calibration"):
+            calibration = load_calibration(loaded, config.calib, config.calib_samples, config.calib_length, config.seed)
     bank = WeightBank(loaded, calibration)
     for spec in specs:
-        bank.ensure(spec)
-    run_dir = RunDir(Path(config.out))
+        ensure(bank, spec, profiler)
+    run_dir = RunDir(Path(config.out), profiler)
     run_dir.write_json("config.json", config.to_json())
     context = RunContext(run_dir, loaded, bank, prompts, config, specs)
     reference = evaluate(context, REFERENCE, np.ones(len(facts), dtype=bool))
@@ -72,6 +73,13 @@ def run(config: RunConfig) -> RunResult:
     save_arrays(run_dir.path / "arrays.npz", arrays)
     write_report(run_dir, results)
     return RunResult(run_dir.report, results)
+
+
+def ensure(bank: WeightBank, spec: ComparedSpec, profiler: Profiler) -> None:
+    """``bank.ensure(spec)``, profiled as stage ``quantize`` of the setting."""
+    with profiler.stage("quantize", spec.key) as marks:
+        marks["cached"] = bank.has(spec)
+        bank.ensure(spec)
 
 
 def rerun(run_dir: Path, analyses: tuple[str, ...] = (), **changes) -> RunResult:
@@ -120,7 +128,7 @@ def evaluate(context: RunContext, setting: Setting, lens_rows: np.ndarray) -> Ev
         return {**main.arrays(), **robust.arrays("robustness/")}
 
     key = context.stage_key(setting, lens_rows.tobytes().hex())
-    arrays = context.run_dir.cached(f"eval-{setting.key}", key, compute)
+    arrays = context.run_dir.cached("eval", key, compute, setting.key)
     return Evaluated(setting, Scores.from_arrays(arrays), Scores.from_arrays(arrays, "robustness/"))
 
 
@@ -203,9 +211,7 @@ def _subset_stages(
         rows = {name: picked.tolist() for name, picked in named.items()}
         subset_prompts = {name: [context.prompts.primary[i] for i in picked] for name, picked in rows.items()}
         arrays = context.run_dir.cached(
-            f"{stage}-{setting.key}",
-            context.stage_key(setting, rows, *key_parts),
-            partial(analysis, setting, subset_prompts),
+            stage, context.stage_key(setting, rows, *key_parts), partial(analysis, setting, subset_prompts), setting.key
         )
         with_rows = arrays | {f"{name}/rows": np.array(picked) for name, picked in rows.items()}
         effects[setting] = SubsetArrays(list(rows), with_rows)
@@ -227,7 +233,7 @@ def sensitivity_effects(
         if not len(rows):
             continue
         compute = partial(sensitivity_arrays, loaded, bank, spec, [primary[i] for i in rows], config.batch_size)
-        arrays = context.run_dir.cached(f"sensitivity-{spec.key}", context.stage_key(spec, rows.tolist()), compute)
+        arrays = context.run_dir.cached("sensitivity", context.stage_key(spec, rows.tolist()), compute, spec.key)
         effects[spec] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
     for method, named in groups.items():
         chosen = injection_settings(method, context.specs) if "sensitivity" in config.analyses else None
@@ -237,7 +243,7 @@ def sensitivity_effects(
         key = context.stage_key([low, *highs], named["failure"].tolist())
         failure = [primary[i] for i in named["failure"]]
         compute = partial(injection_arrays, loaded, bank, low, highs, failure, config.batch_size)
-        arrays = context.run_dir.cached(f"injection-{method}", key, compute)
+        arrays = context.run_dir.cached("injection", key, compute, method)
         injection[method] = arrays | {"low": np.array(low.key), "highs": np.array([high.key for high in highs])}
     return effects, injection
 
@@ -253,10 +259,15 @@ def repair_effects(
     options = config.repair_options()
     specs = [spec for spec in repair_specs(config, context.specs) if repairable(spec, groups)]
     protects = {spec: protect_setting(spec) for spec in specs}
+    profiler = context.run_dir.profiler
     for protect in dict.fromkeys(protects.values()):
         if protect != REFERENCE:
-            bank.ensure(protect)
-    bank.ensure_eora([s for spec in specs for s in (spec, protects[spec]) if s != REFERENCE], options.rank)
+            ensure(bank, protect, profiler)
+    corrected = [s for spec in specs for s in (spec, protects[spec]) if s != REFERENCE]
+    if corrected:
+        with profiler.stage("eora", f"rank {options.rank}") as marks:
+            marks["cached"] = all(bank.has(compensated(s, options.rank)) for s in corrected)
+            bank.ensure_eora(corrected, options.rank)
     tables = {}
     for spec in specs:
         named, protect = groups[spec.method], protects[spec]
@@ -270,7 +281,7 @@ def repair_effects(
         compute = partial(
             repair_arrays, loaded, bank, spec, protect, failure, robust, blocks, options, config.batch_size
         )
-        tables[spec] = context.run_dir.cached(f"repairs-{spec.key}", key, compute)
+        tables[spec] = context.run_dir.cached("repairs", key, compute, spec.key)
     return tables
 
 

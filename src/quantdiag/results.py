@@ -75,6 +75,7 @@ def build_results(
         "settings": settings,
         "notes": _notes(context, evaluated),
         "verdict_rules": rules(),
+        "profile": context.run_dir.profiler.to_json(),
     }
     for setting in settings[1:]:
         setting["verdict"] = verdict_of(results, setting)
@@ -96,10 +97,12 @@ def _model(context: RunContext) -> dict:
 
 
 def _facts(prompts: PromptSet) -> dict:
-    """How many facts were scored, of which relations, and the robustness prompts' counts."""
+    """How many facts were scored, their prompts' mean length, of which relations, and the
+    robustness prompts' counts."""
     fact_of_robustness = prompts.fact_of_robustness
     return {
         "count": len(prompts.facts),
+        "mean_tokens": float(np.mean([len(prompt.ids) for prompt in prompts.primary])),
         "relations": sorted({fact.relation for fact in prompts.facts}),
         "robustness_prompts": len(fact_of_robustness),
         "robustness_facts": int(len(np.unique(fact_of_robustness))),

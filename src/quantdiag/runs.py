@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quantdiag.profiling import Profiler
 from quantdiag.storage import atomic_file, load_or_build, scratch_dir, sweep_leftovers, write_json
 
 Arrays = dict[str, np.ndarray]
@@ -19,8 +20,9 @@ class RunDir:
     ``stages/`` (finished pieces of work, named by a hash of their inputs). Opening it sweeps
     away what killed runs left in it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, profiler: Profiler | None = None):
         self.path = path
+        self.profiler = profiler or Profiler(enabled=False)
         self.figures = path / "figures"
         self.stages = path / "stages"
         self.figures.mkdir(parents=True, exist_ok=True)
@@ -31,16 +33,20 @@ class RunDir:
     def report(self) -> Path:
         return self.path / "report.html"
 
-    def cached(self, name: str, key: str, compute: Callable[[], Arrays]) -> Arrays:
-        """The arrays of stage ``name`` with inputs ``key``: loaded if finished (and readable),
-        else computed and saved before they are returned."""
+    def cached(self, stage: str, key: str, compute: Callable[[], Arrays], subject: str | None = None) -> Arrays:
+        """The arrays of ``stage`` (of ``subject``: a setting's key, a method) with inputs ``key``:
+        loaded if finished (and readable), else computed and saved before they are returned; profiled."""
+        name = stage if subject is None else f"{stage}-{subject}"
+        with self.profiler.stage(stage, subject) as marks:
+            marks["cached"] = True
 
-        def build(tmp: Path) -> Arrays:
-            arrays = compute()
-            _save(tmp, arrays)
-            return arrays
+            def build(tmp: Path) -> Arrays:
+                marks["cached"] = False
+                arrays = compute()
+                _save(tmp, arrays)
+                return arrays
 
-        return load_or_build(self.stages / f"{name}-{key}.npz", _load, build)
+            return load_or_build(self.stages / f"{name}-{key}.npz", _load, build)
 
     def scratch(self) -> AbstractContextManager[Path]:
         """A temporary folder for one stage's spills, removed afterwards (or swept if killed)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from quantdiag.model.arch import Adapter
 
@@ -20,21 +21,29 @@ from quantdiag.model.arch import Adapter
 class StackTrace:
     """One forward through the blocks. ``states[l]`` is the input of block l and ``states[L]`` the
     output of the last block (so ``h_l = states[l + 1]``); a trace without ``all_states`` keeps
-    ``states[0]`` only. ``kwargs[l]`` are block l's keyword arguments."""
+    ``states[0]`` only. ``kwargs[l]`` are block l's keyword arguments (no cache); ``keys_values[l]``
+    block l's attention keys and values (batch x heads x tokens x head size), if asked for."""
 
     states: list[torch.Tensor]
     kwargs: list[dict]
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-def trace_stack(adapter: Adapter, ids: torch.Tensor, all_states: bool = True) -> StackTrace:
-    """Run the model on ``ids`` (no padding) recording block inputs and keyword arguments."""
+#: Block keyword arguments a trace does not keep: the cache belongs to the traced forward only.
+_CACHE_KWARGS = ("hidden_states", "past_key_values", "use_cache")
+
+
+def trace_stack(adapter: Adapter, ids: torch.Tensor, all_states: bool = True, keys_values: bool = False) -> StackTrace:
+    """Run the model on ``ids`` (no padding) recording block inputs and keyword arguments, and
+    with ``keys_values`` every block's attention keys and values (a transformers ``DynamicCache``)."""
     states: list[torch.Tensor] = []
     kwargs: list[dict] = []
+    cache = DynamicCache() if keys_values else None
 
     def grab(_module, args, block_kwargs):
         if all_states or not states:
             states.append(args[0] if args else block_kwargs["hidden_states"])
-        kwargs.append({k: v for k, v in block_kwargs.items() if k != "hidden_states"})
+        kwargs.append({k: v for k, v in block_kwargs.items() if k not in _CACHE_KWARGS})
 
     def grab_output(_module, _args, output):
         states.append(output[0] if isinstance(output, tuple) else output)
@@ -43,11 +52,11 @@ def trace_stack(adapter: Adapter, ids: torch.Tensor, all_states: bool = True) ->
     if all_states:
         handles.append(adapter.blocks[-1].register_forward_hook(grab_output))
     try:
-        adapter.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        adapter.model(input_ids=ids, use_cache=keys_values, past_key_values=cache, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
-    return StackTrace(states, kwargs)
+    return StackTrace(states, kwargs, None if cache is None else [(layer.keys, layer.values) for layer in cache.layers])
 
 
 def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

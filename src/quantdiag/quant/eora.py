@@ -21,6 +21,13 @@ from quantdiag.quant.spec import Setting
 
 #: Eigenvalues below this share of the largest are floored (directions the inputs never use).
 _FLOOR = 1e-7
+#: The truncated SVD is randomized (Halko et al. 2011, ``torch.svd_lowrank``) with this many extra
+#: columns and power iterations, seeded: its weighted error stays within ``RANDOMIZED_TOLERANCE``
+#: of the exact SVD's (docs/methods.md, Repairs; measured at most 0.19% on SmolLM2's RTN 2- and
+#: 4-bit errors), at a fraction of its cost. Matrices too small for it get the exact SVD.
+OVERSAMPLE = 16
+POWER_ITERATIONS = 4
+RANDOMIZED_TOLERANCE = 0.005
 
 
 def eora_factors(delta: torch.Tensor, covariance: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +49,22 @@ def _eigenbasis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _factors(
     delta: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    u, s, vh = torch.linalg.svd(delta.float() @ basis * scale, full_matrices=False)
-    return u[:, :rank] * s[:rank], (vh[:rank] / scale) @ basis.T
+    u, s, v = _truncated_svd(delta.float() @ basis * scale, rank)
+    return u * s, (v.T / scale) @ basis.T
+
+
+def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U_r, S_r, V_r`` of ``matrix``: randomized (seeded, the caller's random state untouched)
+    unless ``rank + OVERSAMPLE`` reaches its smaller side."""
+    if rank + OVERSAMPLE >= min(matrix.shape):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    on_gpu = matrix.is_cuda
+    generator = torch.cuda.default_generators[matrix.device.index] if on_gpu else torch.random.default_generator
+    with torch.random.fork_rng(devices=[matrix.device] if on_gpu else []):
+        generator.manual_seed(0)
+        u, s, v = torch.svd_lowrank(matrix, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
+    return u[:, :rank], s[:rank], v[:, :rank]
 
 
 @torch.no_grad()
