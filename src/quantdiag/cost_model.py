@@ -5,7 +5,10 @@ a profiled one. Matrix products only: on these models they are nearly all of the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from quantdiag.quant.bank import EORA_SETTINGS_PER_PASS
 
 
 @dataclass(frozen=True)
@@ -84,15 +87,16 @@ def stage_flops(shape: ModelShape, run: RunSizes) -> dict[str, float]:
     patched = (L * (L - 1) / 2) * (run.tokens * (run.tokens + 1) / 2) * block + L * run.tokens * head
     traced_prompts = run.patch_prompts * run.subsets
     calibration = run.calibration_tokens * L * block
+    covariances = _input_covariances(shape, run.calibration_tokens)
     return {
         "eval": (run.settings + 1) * (run.facts * (forward + lens) + run.robustness * forward),
-        "quantize": run.gptq * (GPTQ_BLOCK_PASSES * calibration + _gptq_solver(shape)),
+        "quantize": run.gptq * (GPTQ_BLOCK_PASSES * calibration + covariances + _gptq_solver(shape)),
         "causal": run.streams * (2 * run.causal + run.methods) * traced_prompts * patched,
         "components": (run.settings + 1) * run.facts * forward,
         "representations": 2 * run.settings * run.subset_prompts * forward,
         "sensitivity": run.sensitivity * run.subset_prompts * (L * L * run.tokens * block + COMPONENT_PLANS * forward),
         "repairs": run.repairs * run.subset_prompts * (REPAIR_PASSES * forward + run.alphas * head),
-        "eora": run.repairs * (calibration + _eora_covariances(shape, run.calibration_tokens)),
+        "eora": math.ceil(run.repairs / EORA_SETTINGS_PER_PASS) * (calibration + covariances),
     }
 
 
@@ -104,8 +108,8 @@ def _gptq_solver(shape: ModelShape) -> float:
     return shape.layers * (2 * d * d * (2 * d) + 2 * 2 * f * d * d + 2 * d * f * f)
 
 
-def _eora_covariances(shape: ModelShape, tokens: int) -> float:
+def _input_covariances(shape: ModelShape, tokens: int) -> float:
     """``X^T X`` of the calibration inputs of each group of linears sharing one (three at the
-    hidden width, one at the intermediate width), every block."""
+    hidden width, one at the intermediate width), every block: GPTQ's Hessians, EoRA's covariances."""
     d, f = shape.hidden, shape.intermediate
     return shape.layers * 2 * tokens * (3 * d * d + f * f)
