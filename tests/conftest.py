@@ -24,6 +24,23 @@ FAMILIES = {
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,
     "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
+    "phi3": transformers.Phi3Config,
+    "olmo2": transformers.Olmo2Config,
+    "granite": transformers.GraniteConfig,
+    "qwen3_moe": transformers.Qwen3MoeConfig,
+}
+#: What makes a family's tiny model exercise its peculiarities: a sliding window shorter than the test
+#: prompts on alternate layers, Granite's multipliers, four routed experts (two per token).
+_SLIDING = {"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"] * 2}
+FAMILY_OPTIONS = {
+    "gemma2": _SLIDING,
+    "gemma3_text": _SLIDING,
+    "mistral": {"sliding_window": 3},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0},
+    "olmo2": {"pad_token_id": 0, "eos_token_id": 0},
+    "granite": {"residual_multiplier": 0.5, "logits_scaling": 2.0, "embedding_multiplier": 3.0},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
 }
 VOCAB = 512
 
@@ -64,6 +81,7 @@ def tiny_model(family: str, layers: int = 4, seed: int = 0) -> LoadedModel:
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=256,
+        **FAMILY_OPTIONS.get(family, {}),
     )
     model = transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     adapter = Adapter(model)
