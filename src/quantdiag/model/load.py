@@ -257,7 +257,7 @@ def gguf_config(reader: GGUFReader) -> dict:
     family = _GGUF_FAMILIES.get(name, name)
     mapping = GGUF_CONFIG_MAPPING.get(family) or GGUF_CONFIG_MAPPING.get(name) or {}
     fields = {key: reader.get_field(f"{name}.{key}") for key, target in mapping.items() if target}
-    return {mapping[key]: field.contents() for key, field in fields.items() if field is not None and field.data}
+    return {mapping[key]: field.contents() for key, field in fields.items() if field is not None}
 
 
 def gguf_reader(path: Path) -> GGUFReader:
