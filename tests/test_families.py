@@ -6,6 +6,7 @@ test_patching.py and test_representations.py (the ``family_model`` fixture)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,11 +16,14 @@ from safetensors import safe_open
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.forward import score_prompts
 from quantdiag.analysis.sensitivity import correct_under, sensitivity_arrays
+from quantdiag.config import RunConfig
 from quantdiag.data.facts import load_pararel, tokenize
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.plans import blocks_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
+from quantdiag.results import MOE_NOTE, _notes
+from quantdiag.state import RunContext
 
 from conftest import FAMILIES, tiny_model
 
@@ -92,3 +96,10 @@ def test_sensitivity_sweeps_resume_like_full_forwards(family):
     assert np.array_equal(arrays["component/all"], uniform)
     assert np.array_equal(arrays["single"][0], correct_under(loaded, bank, blocks_plan(key, 0, 1), prompts, 4))
     bank.apply(PrecisionPlan.uniform(REFERENCE))
+
+
+def test_a_mixture_of_experts_run_notes_the_skipped_metrics(family):
+    """results.json's notes say why a mixture of experts has no sign flips or Jaccard; a dense model's do not."""
+    loaded, bank, _ = family
+    notes = _notes(RunContext(None, loaded, bank, SimpleNamespace(dropped=0), RunConfig()), [])
+    assert (MOE_NOTE in notes) == (loaded.model.config.model_type == "qwen3_moe")

@@ -205,7 +205,7 @@ def _notes(context: RunContext, evaluated: list[Evaluated]) -> list[str]:
         notes.append(DROPPED_NOTE.format(count=dropped))
     if config.model == DEFAULT_MODEL:
         notes.insert(0, REFERENCE_NOTE_SMOLLM2)
-    if bank.adapter.arch.routed:
+    if bank is not None and bank.adapter.arch.routed:
         notes.append(MOE_NOTE)
     quantized = [item.spec for item in evaluated if isinstance(item.spec, QuantSpec)]
     if quantized:
