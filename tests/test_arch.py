@@ -196,6 +196,15 @@ def test_each_linear_role_is_found(family_model):
         )
 
 
+def test_attention_details_are_read():
+    """Gemma 3's alternate sliding layers and Mistral's all-sliding ones; QK-norm where the family has it."""
+    layouts = {family: tiny_model(family).adapter.arch for family in ("gemma3_text", "mistral", "llama", "qwen3")}
+    assert layouts["gemma3_text"].layer_types == ("sliding_attention", "full_attention") * 2
+    assert layouts["mistral"].layer_types == ("sliding_attention",) * 4
+    assert layouts["llama"].layer_types == ("full_attention",) * 4
+    assert [layouts[f].qk_norm for f in ("gemma3_text", "mistral", "llama", "qwen3")] == [True, False, False, True]
+
+
 def test_split_experts_keep_the_moe_output():
     """Hugging Face's 3-D experts, split into one linear per expert projection, give the same logits."""
     torch.manual_seed(0)

@@ -56,10 +56,8 @@ class Layout:
     layer_types: tuple[str, ...]
     qk_norm: bool
     softcap: float | None
-    #: Logits are divided by this (Granite's ``logits_scaling``) ...
+    #: Logits are divided by this (Granite's ``logits_scaling``).
     logits_scale: float
-    #: ... and sub-layer outputs multiplied by this before joining the residual (Granite's ``residual_multiplier``).
-    residual_scale: float
 
     @property
     def routed(self) -> bool:
@@ -110,7 +108,6 @@ def infer_layout(model: nn.Module) -> Layout:
         qk_norm=any(hasattr(block.get_submodule(attn), name) for name in ("q_norm", "k_norm")),
         softcap=getattr(config, "final_logit_softcapping", None),
         logits_scale=float(getattr(config, "logits_scaling", 1.0) or 1.0),
-        residual_scale=float(getattr(config, "residual_multiplier", 1.0) or 1.0),
     )
 
 
