@@ -24,6 +24,22 @@ FAMILIES = {
     "qwen2": transformers.Qwen2Config,
     "qwen3": transformers.Qwen3Config,
     "gemma2": transformers.Gemma2Config,
+    "gemma3_text": transformers.Gemma3TextConfig,
+    "phi3": transformers.Phi3Config,
+    "olmo2": transformers.Olmo2Config,
+    "granite": transformers.GraniteConfig,
+    "qwen3_moe": transformers.Qwen3MoeConfig,
+}
+#: What makes a family's tiny model exercise its peculiarities: a sliding window shorter than the test
+#: prompts on alternate layers (the pattern repeats over the layers), Granite's multipliers, four routed
+#: experts (two per token).
+FAMILY_OPTIONS = {
+    "gemma3_text": {"sliding_window": 3, "layer_types": ("sliding_attention", "full_attention")},
+    "mistral": {"sliding_window": 3},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0},
+    "olmo2": {"pad_token_id": 0, "eos_token_id": 0},
+    "granite": {"residual_multiplier": 2.0, "logits_scaling": 0.5, "embedding_multiplier": 3.0},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
 }
 VOCAB = 512
 
@@ -55,6 +71,9 @@ def _trained_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(family: str, layers: int = 4, seed: int = 0) -> LoadedModel:
     """A random model of ``family`` (hidden 64, intermediate 128, 4 heads, 2 KV heads)."""
     torch.manual_seed(seed)
+    options = dict(FAMILY_OPTIONS.get(family, {}))
+    if "layer_types" in options:
+        options["layer_types"] = [options["layer_types"][layer % 2] for layer in range(layers)]
     config = FAMILIES[family](
         vocab_size=VOCAB,
         hidden_size=64,
@@ -64,6 +83,7 @@ def tiny_model(family: str, layers: int = 4, seed: int = 0) -> LoadedModel:
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=256,
+        **options,
     )
     model = transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     adapter = Adapter(model)

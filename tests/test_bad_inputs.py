@@ -93,8 +93,8 @@ CASES = [
     Case("model-gguf-bad-magic", "run --model {fake_gguf} --methods rtn", "is not a GGUF file (bad magic bytes)"),
     Case(
         "model-gguf-unsupported",
-        "run --model {phi3_gguf} --methods rtn --bits 4",
-        "architecture 'phi3' is not supported",
+        "run --model {gpt2_gguf} --methods rtn --bits 4",
+        "architecture 'gpt2' is not supported",
     ),
     Case(
         "model-config-unsupported", "run --model {gpt2} --methods rtn --bits 4", "architecture 'gpt2' is not supported"
@@ -113,8 +113,8 @@ CASES = [
     ),
     Case(
         "compare-gguf-unsupported",
-        "diagnose --reference {ref} --compare {phi3_gguf}",
-        "architecture 'phi3' is not supported",
+        "diagnose --reference {ref} --compare {gpt2_gguf}",
+        "architecture 'gpt2' is not supported",
     ),
     Case(
         "compare-config-malformed", "diagnose --reference {ref} --compare {bad_json}", "config.json is not valid JSON"
@@ -212,7 +212,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         "awq": _config_only(root / "awq", {**config, "quantization_config": {"quant_method": "awq", "bits": 4}}),
         "gpt2": _config_only(root / "gpt2", transformers.GPT2Config(n_layer=2).to_dict()),
         "bad_json": root / "bad-json",
-        "phi3_gguf": _gguf(root / "phi3.gguf", "phi3"),
+        "gpt2_gguf": _gguf(root / "gpt2.gguf", "gpt2"),
         "fake_gguf": root / "fake.gguf",
         "notes": root / "notes.txt",
         "broken_facts": root / "broken.jsonl",

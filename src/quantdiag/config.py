@@ -83,7 +83,7 @@ class RunConfig:
     """Everything that defines a run; saved as ``config.json`` in the run directory."""
 
     out: str = option("runs/latest", "run directory")
-    model: str = option(DEFAULT_MODEL, "HF repo id or folder, a .gguf file, or 'smollm2' (built in)")
+    model: str = option(DEFAULT_MODEL, "HF repo id or folder, a .gguf file, or built in: 'smollm2', 'gemma3-270m'")
     methods: tuple[str, ...] = option(METHODS, "quantization methods, comma-separated: rtn, gptq")
     compare: tuple[str, ...] = option(
         (), "a checkpoint to judge: GPTQ or AWQ folder, .gguf file or float folder (repeat for more)"

@@ -30,8 +30,7 @@ class ModelShape:
         experts = getattr(config, "num_experts_per_tok", 1) or 1
         intermediate = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
         attention = config.hidden_size * head_dim * (2 * heads + 2 * kv)
-        router = config.hidden_size * (getattr(config, "num_experts", 0) or 0)
-        mlp = 3 * config.hidden_size * intermediate * experts + router
+        mlp = 3 * config.hidden_size * intermediate * experts  # the router (hidden x experts) is negligible
         return cls(config.num_hidden_layers, config.hidden_size, intermediate, attention + mlp, config.vocab_size)
 
     def block_token(self) -> float:

@@ -26,6 +26,10 @@ REFERENCE_NOTE_SMOLLM2 = (
     "The built-in SmolLM2-135M-Instruct ships as a Q4_1 GGUF file: its reference ('full precision') "
     "model is those Q4_1 weights dequantized to float."
 )
+MOE_NOTE = (
+    "A mixture of experts has no single gate or intermediate: its gate sign-flip rate and retrieval Jaccard "
+    "are not measured (docs/methods.md, Components)."
+)
 CHECKPOINT_NOTE = (
     "A checkpoint is compared through its block linears, swapped into the reference model: its "
     "embeddings, norms and output head are the reference's."
@@ -203,6 +207,8 @@ def _notes(context: RunContext, evaluated: list[Evaluated]) -> list[str]:
         notes.append(DROPPED_NOTE.format(count=dropped))
     if config.model == DEFAULT_MODEL:
         notes.insert(0, REFERENCE_NOTE_SMOLLM2)
+    if bank is not None and bank.adapter.arch.routed:
+        notes.append(MOE_NOTE)
     quantized = [item.setting for item in evaluated if isinstance(item.setting, QuantSpec)]
     if quantized:
         fallbacks = bank.group_size_fallbacks(quantized[0])

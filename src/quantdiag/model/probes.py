@@ -16,17 +16,6 @@ from quantdiag.model.arch import Adapter
 SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
-def _with_replaced(value, index: int, tensor: torch.Tensor):
-    """Put ``tensor`` at ``index`` of a module's args/output, tuple or bare tensor."""
-    if isinstance(value, tuple):
-        return value[:index] + (tensor,) + value[index + 1 :]
-    return tensor
-
-
-def _pick(value, index: int) -> torch.Tensor:
-    return value[index] if isinstance(value, tuple) else value
-
-
 @contextmanager
 def hook_sites(adapter: Adapter, fns: Mapping[str, SiteFn]) -> Iterator[None]:
     """Run ``fns[site](tensor)`` at each site during forwards inside the block."""
@@ -35,13 +24,13 @@ def hook_sites(adapter: Adapter, fns: Mapping[str, SiteFn]) -> Iterator[None]:
         for name, fn in fns.items():
             where = adapter.site(name)
 
-            def output_hook(_module, _args, output, fn=fn, index=where.tuple_index):
-                new = fn(_pick(output, index))
-                return None if new is None else _with_replaced(output, index, new)
+            def output_hook(_module, _args, output, fn=fn, where=where):
+                new = fn(where.read(output))
+                return None if new is None else where.write(output, new)
 
-            def input_hook(_module, args, fn=fn, index=where.tuple_index):
-                new = fn(_pick(args, index))
-                return None if new is None else _with_replaced(args, index, new)
+            def input_hook(_module, args, fn=fn, where=where):
+                new = fn(where.read(args))
+                return None if new is None else where.write(args, new)
 
             if where.is_input:
                 handles.append(where.module.register_forward_pre_hook(input_hook))

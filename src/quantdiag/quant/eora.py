@@ -81,15 +81,15 @@ def eora_weights(
     hidden, kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
     out: dict[Setting, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"EoRA rank {rank}", unit="block")):
-        linears = {kind: block.get_submodule(path) for kind, path in adapter.arch.linears}
+        linears = {path: block.get_submodule(path) for _, path in adapter.arch.linears}
         # The true-sequential groups (q/k/v, o, gate/up, down) are the linears sharing an input.
         covariances = _input_covariances(
             block, hidden, kwargs[layer], {group: linears[group[0]] for group in adapter.arch.sequential}
         )
         for group, covariance in covariances.items():
             scale, basis = _eigenbasis(covariance)
-            for kind in group:
-                name, linear = adapter.linear_name(layer, kind), linears[kind]
+            for path in group:
+                name, linear = adapter.linear_name(layer, path), linears[path]
                 for setting in settings:
                     weight = quantized(setting, name).to(linear.weight.device, torch.float32)
                     b, a = _factors(linear.weight.float() - weight, scale, basis, rank)

@@ -36,18 +36,18 @@ def gptq_dequantized(
     hidden, block_kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
     result: dict[str, torch.Tensor] = {}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"GPTQ {spec.bits}-bit", unit="block")):
-        linears = {kind: block.get_submodule(path) for kind, path in adapter.arch.linears}
-        originals = {kind: module.weight.detach().clone() for kind, module in linears.items()}
+        linears = {path: block.get_submodule(path) for _, path in adapter.arch.linears}
+        originals = {path: module.weight.detach().clone() for path, module in linears.items()}
         for group in adapter.arch.sequential:
-            solvers = {kind: _solver(solver_class, config_class, linears[kind], spec) for kind in group}
+            solvers = {path: _solver(solver_class, config_class, linears[path], spec) for path in group}
             _feed(block, hidden, block_kwargs[layer], linears, solvers)
-            for kind, solver in solvers.items():
-                quantized = solver.quantize()[0].to(linears[kind].weight.dtype)
-                linears[kind].weight.copy_(quantized)
-                result[adapter.linear_name(layer, kind)] = quantized.cpu()
+            for path, solver in solvers.items():
+                quantized = solver.quantize()[0].to(linears[path].weight.dtype)
+                linears[path].weight.copy_(quantized)
+                result[adapter.linear_name(layer, path)] = quantized.cpu()
         hidden = run_block_batches(block, hidden, block_kwargs[layer])
-        for kind, weight in originals.items():
-            linears[kind].weight.copy_(weight)
+        for path, weight in originals.items():
+            linears[path].weight.copy_(weight)
     return result
 
 
@@ -76,16 +76,16 @@ def _feed(
     soon as every linear of the group has run (the rest of the block is not needed)."""
     fed: set[str] = set()
 
-    def hook(kind: str):
+    def hook(path: str):
         def add(_module, args, out):
-            solvers[kind].add_batch(args[0], out)
-            fed.add(kind)
+            solvers[path].add_batch(args[0], out)
+            fed.add(path)
             if len(fed) == len(solvers):
                 raise _StopForward
 
         return add
 
-    handles = [linears[kind].register_forward_hook(hook(kind)) for kind in solvers]
+    handles = [linears[path].register_forward_hook(hook(path)) for path in solvers]
     try:
         for states, extra in zip(hidden, kwargs):
             fed.clear()

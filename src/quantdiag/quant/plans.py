@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 
-from quantdiag.model.arch import Arch
+from quantdiag.model.layout import Layout
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Rule, Setting
 
-#: Component groups of the paper's Table 5, as the Arch's linear kinds.
+#: Component groups of the paper's Table 5, as the layout's linear kinds.
 COMPONENT_GROUPS: dict[str, tuple[str, ...]] = {
     "all": ("q", "k", "v", "o", "gate", "up", "down"),
     "mlp": ("gate", "up", "down"),
@@ -29,8 +29,8 @@ def blocks_plan(setting: Setting, start: int, stop: int, default: Setting = REFE
     return PrecisionPlan(default=default, rules=(Rule(setting, layers=(start, stop)),))
 
 
-def component_plan(arch: Arch, setting: Setting, group: str) -> PrecisionPlan:
-    """The linears of one component group at ``setting`` in every block, the rest at reference."""
-    paths = dict(arch.linears)
-    pattern = "|".join(rf"\.{re.escape(paths[kind])}$" for kind in COMPONENT_GROUPS[group])
+def component_plan(arch: Layout, setting: Setting, group: str) -> PrecisionPlan:
+    """The linears of one component group at ``setting`` in every block, the rest at reference (a fused
+    linear only in a group holding all its kinds; no linear: a never-matching pattern)."""
+    pattern = "|".join(rf"\.{re.escape(path)}$" for path in arch.paths_of(COMPONENT_GROUPS[group])) or "(?!)"
     return PrecisionPlan(default=REFERENCE, rules=(Rule(setting, pattern=pattern),))
