@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from quantdiag.analysis.causal import CAUSAL_ANALYSES
-from quantdiag.analysis.components import component_curves
+from quantdiag.analysis.components import PAIR_METRICS, component_curves
 from quantdiag.analysis.effects import as_json, per_token_restoration, subset_summary
 from quantdiag.analysis.lens import lens_curves
 from quantdiag.analysis.positions import GROUPS
@@ -20,6 +20,7 @@ from quantdiag.model.load import DEFAULT_MODEL
 from quantdiag.quant.spec import REFERENCE_BITS, PrecisionPlan, QuantSpec
 from quantdiag.state import Analyses, Evaluated, PromptSet, RunContext
 from quantdiag.verdict import rules, verdict_of
+from quantdiag.verdict.thresholds import early_blocks
 
 Groups = dict[str, dict[str, np.ndarray]]  # method -> subset name -> fact rows
 
@@ -151,7 +152,28 @@ def _setting(context: RunContext, item: Evaluated, groups: Groups, analyses: Ana
         setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[key])
     if key in analyses.repairs:
         setting["repairs"] = repair_summary(analyses.repairs[key])
+    if item.spec is not None:
+        setting["prompt_values"] = _prompt_values(context, item, groups, analyses)
     return setting
+
+
+def _prompt_values(context: RunContext, item: Evaluated, groups: Groups, analyses: Analyses) -> dict:
+    """Per subset of the setting's method, the per-prompt values the verdict's intervals are
+    drawn from (docs/verdict.md, Intervals): each prompt's lens ranks per layer, and its mean
+    over the early blocks of each component metric against the reference."""
+    early = early_blocks(context.loaded.adapter.n_layers)
+    out = {}
+    for name, rows in groups.get(item.spec.method, {}).items():
+        values: dict = {}
+        if item.scores.lens_rank is not None and len(rows):
+            values["lens_rank"] = item.scores.lens_rank[rows].astype(int).tolist()
+        if analyses.components and len(rows):
+            at = np.searchsorted(analyses.components["rows"], rows)
+            for metric in PAIR_METRICS:
+                per_layer = analyses.components[f"{item.setting}/{metric}"][at, :early]
+                values[metric] = as_json(np.nanmean(per_layer, axis=1))
+        out[f"{item.spec.method}:{name}"] = values
+    return out
 
 
 def _scores(context: RunContext, item: Evaluated, groups: Groups) -> dict:
