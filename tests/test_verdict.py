@@ -292,6 +292,7 @@ def _deep_results(failures: int = 10, robust: int = 30) -> tuple[dict, dict]:
                 "sign_flip": [0.1, None, 0.3] + [0.2] * 13,
                 "jaccard": [0.8] * 8 + [0.2] * 8,
                 "value_cosine": [0.9] * 4 + [0.5] * 12,
+                "focus_divergence": [0.05, 0.15] + [0.9] * 14,
                 "entropy_subject": [0.0] * DEEP,
             }
         },
@@ -343,9 +344,10 @@ def test_every_evidence_value_by_hand():
         "cka_diagonal": ((1.0 + 0.9 + 0.8 + 0.7 + 0.6 + 0.5 + 0.4 + 9 * 0.3) / 16, 1.0),
         "activation_subspace": (((0.91 - 0.1) / 0.9 + (0.6 - 0.2) / 0.8) / 2, 1.0),  # chance k/d = 0.1, then 0.2: 0.7
         "error_alignment": (((0.55 - 0.1) / 0.9 + 0.0) / 2, None),  # 0.25
-        "sign_flip": (0.1, 0.0),  # early blocks 0-1 (16 // 8 = 2): 0.1 and an undefined layer
-        "jaccard": (0.8, 1.0),
-        "value_cosine": (0.9, 1.0),
+        "sign_flip": ((0.1 + 0.3 + 13 * 0.2) / 15, 0.0),  # 0.2: the undefined layer is left out
+        "jaccard": (0.5, 1.0),
+        "value_cosine": ((4 * 0.9 + 12 * 0.5) / 16, 1.0),  # 0.6
+        "focus_divergence": (0.1, 0.0),  # the early blocks only (16 // 8 = 2): 0.05 and 0.15
         # 0.65: blocks 0-1 quantized, 30 Robust and 10 Failure prompts
         "early_damage": ((30 * 0.8 + 10 * 0.2) / 40, 1.0),
         "repairs": (0.25, 1.0),  # EoRA's; the baseline's 0.3 is no repair
@@ -376,13 +378,14 @@ def test_evidence_comes_from_the_robust_subset_when_too_few_prompts_fail():
 def test_intervals_and_the_floor_come_from_results_json():
     """Per-prompt component values give the interval; the run's 8-bit setting is the floor."""
     results, setting = _deep_results()
-    setting["prompt_values"] = {"rtn:failure": {"jaccard": [0.7, 0.9] * 5}}
+    setting["prompt_values"] = {"rtn:failure": {"jaccard": [[0.7] * DEEP, [0.9] * DEEP] * 5}}
     eight = {**setting, "key": "rtn-w8", "bits": 8, "components": {"rtn:failure": {"jaccard": [0.95] * DEEP}}}
     results["settings"].append(eight)
     jaccard = next(m for m in measure(results, setting) if m.name == "jaccard")
     low, high = jaccard.interval
     assert 0.7 < low < 0.8 < high < 0.9  # halves of five 0.7s and five 0.9s
     assert jaccard.floor == pytest.approx(0.95) and jaccard.threshold == pytest.approx(0.1)
+    assert jaccard.value == pytest.approx(0.5)  # the curve's mean over all layers
 
 
 def test_4_bit_like_evidence_is_degradation_and_2_bit_like_is_collapse():

@@ -20,7 +20,6 @@ from quantdiag.model.load import DEFAULT_MODEL
 from quantdiag.quant.spec import REFERENCE_BITS, PrecisionPlan, QuantSpec
 from quantdiag.state import Analyses, Evaluated, PromptSet, RunContext
 from quantdiag.verdict import rules, verdict_of
-from quantdiag.verdict.thresholds import early_blocks
 
 Groups = dict[str, dict[str, np.ndarray]]  # method -> subset name -> fact rows
 
@@ -159,9 +158,8 @@ def _setting(context: RunContext, item: Evaluated, groups: Groups, analyses: Ana
 
 def _prompt_values(context: RunContext, item: Evaluated, groups: Groups, analyses: Analyses) -> dict:
     """Per subset of the setting's method, the per-prompt values the verdict's intervals are
-    drawn from (docs/verdict.md, Intervals): each prompt's lens ranks per layer, and its mean
-    over the early blocks of each component metric against the reference."""
-    early = early_blocks(context.loaded.adapter.n_layers)
+    drawn from (docs/verdict.md, Intervals): each prompt's lens ranks and component metrics
+    against the reference, per layer."""
     out = {}
     for name, rows in groups.get(item.spec.method, {}).items():
         values: dict = {}
@@ -170,8 +168,7 @@ def _prompt_values(context: RunContext, item: Evaluated, groups: Groups, analyse
         if analyses.components and len(rows):
             at = np.searchsorted(analyses.components["rows"], rows)
             for metric in PAIR_METRICS:
-                per_layer = analyses.components[f"{item.setting}/{metric}"][at, :early]
-                values[metric] = as_json(np.nanmean(per_layer, axis=1))
+                values[metric] = as_json(analyses.components[f"{item.setting}/{metric}"][at])
         out[f"{item.spec.method}:{name}"] = values
     return out
 

@@ -163,19 +163,23 @@ def _subspace(curve: str, reference: float | None) -> Reader:
     return read
 
 
-def _component(metric: str, reference: float) -> Reader:
-    """Mean over the early blocks of a component curve, its interval from the per-prompt means."""
+def _component(metric: str, reference: float, early: bool = False) -> Reader:
+    """Mean over the layers (``early``: the early blocks only) of a component curve, its interval
+    from the per-prompt means over the same layers."""
 
     def read(results: dict, setting: dict, key: str) -> Reading | None:
         curves = (setting.get("components") or {}).get(key)
         if curves is None or metric not in curves:
             return None
-        early = np.array(curves[metric][: early_blocks(results["model"]["n_layers"])], dtype=float)
-        if not np.isfinite(early).any():
+        layers = early_blocks(results["model"]["n_layers"]) if early else None
+        values = np.array(curves[metric][:layers], dtype=float)
+        if not np.isfinite(values).any():
             return None
         per_prompt = _prompt_values(setting, key).get(metric)
-        bounds = None if per_prompt is None else mean_interval(np.array(per_prompt, dtype=float))
-        return float(np.nanmean(early)), reference, bounds
+        bounds = None
+        if per_prompt is not None:
+            bounds = mean_interval(np.nanmean(np.array(per_prompt, dtype=float)[:, :layers], axis=1))
+        return float(np.nanmean(values)), reference, bounds
 
     return read
 
@@ -214,7 +218,7 @@ READERS: dict[str, Reader] = {
     "sign_flip": _component("sign_flip", 0.0),
     "jaccard": _component("jaccard", 1.0),
     "value_cosine": _component("value_cosine", 1.0),
-    "focus_divergence": _component("focus_divergence", 0.0),
+    "focus_divergence": _component("focus_divergence", 0.0, early=True),
     "early_damage": _early_damage,
     "repairs": _repairs,
 }
