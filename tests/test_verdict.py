@@ -93,6 +93,18 @@ def test_the_mechanism_question_decides_and_accuracy_decides_healthy():
     assert rows["mechanism"]["command"] == "quantdiag patch RUN --analyses components,representations"
 
 
+def test_broken_components_are_not_outvoted_by_intact_representations():
+    """The mechanism is the lower of its two parts. FFN and attention broken: margins -1/6, -1/2,
+    -1/2, -1/18 (sign flips 0.375 of the way from 0.25 to 1 ...), mean -0.306; CKA, subspace and
+    error alignment intact: +3/4, +1/3, +1/2, mean +0.528. Broken, although the mean of all seven
+    (+0.05) reads intact."""
+    components = {"sign_flip", "jaccard", "value_cosine", "focus_divergence"}
+    measured = _evidence(components | {"repairs"})
+    rows = {row["question"]: row for row in question_rows(measured)}
+    assert rows["mechanism"]["answer"] == BROKEN and rows["mechanism"]["score"] == pytest.approx(-11 / 36, abs=1e-6)
+    assert decide(0.0, measured, 40).label == COLLAPSE
+
+
 def test_a_working_repair_rules_out_collapse():
     """Mechanism broken, yet the best repair brings back half the Failure subset: Inconclusive."""
     broken = [m if m.name != "repairs" else Measured("repairs", 0.5, 1.0) for m in _evidence(set(MECHANISM))]

@@ -19,6 +19,7 @@ from quantdiag.verdict.thresholds import (
     LOW_CAP,
     LOW_RETENTION,
     MECHANISM,
+    MECHANISM_PARTS,
     QUESTION_COMMANDS,
     QUESTION_TITLES,
     QUESTIONS,
@@ -57,8 +58,8 @@ class Decision:
 
 
 def answer(question: str, measured: list[Measured]) -> Answer:
-    """Intact if the voting signatures' mean margin is positive, broken if negative; unclear
-    if none votes (every interval straddles its line); not measured without signatures."""
+    """Intact if the voting signatures' score (``_score``) is positive, broken if negative;
+    unclear if none votes (every interval straddles its line); not measured without signatures."""
     mine = [m for m in measured if BY_NAME[m.name].question == question]
     voting = [m for m in mine if m.vote is not None]
     names = tuple(m.name for m in mine)
@@ -66,8 +67,17 @@ def answer(question: str, measured: list[Measured]) -> Answer:
         return Answer(question, NOT_MEASURED, None, names)
     if not voting:
         return Answer(question, UNCLEAR, None, names)
-    score = round(float(np.mean([m.margin for m in voting])), 6)
+    score = round(_score(question, voting), 6)
     return Answer(question, INTACT if score > 0 else BROKEN if score < 0 else UNCLEAR, score, names)
+
+
+def _score(question: str, voting: list[Measured]) -> float:
+    """The mean margin of the voting signatures; for the mechanism, the lower of its two parts'
+    means (``MECHANISM_PARTS``: components and representations, each where any votes)."""
+    if question != MECHANISM:
+        return float(np.mean([m.margin for m in voting]))
+    parts = [[m.margin for m in voting if m.name in names] for names in MECHANISM_PARTS.values()]
+    return min(float(np.mean(margins)) for margins in parts if margins)
 
 
 def answers(measured: list[Measured]) -> dict[str, Answer]:

@@ -194,6 +194,13 @@ SIGNATURES: tuple[Signature, ...] = (
     ),
 )
 BY_NAME = {signature.name: signature for signature in SIGNATURES}
+#: The mechanism's two halves (Sections 4.1 and 4.2): it is intact only if both are, so its score
+#: is the lower of the two halves' mean margins (a broken FFN is not outvoted by representations
+#: that the residual stream still carries, as on SmolLM2 with its first two MLPs destroyed).
+MECHANISM_PARTS = {
+    "components": ("sign_flip", "jaccard", "value_cosine", "focus_divergence"),
+    "representations": ("cka_diagonal", "activation_subspace", "error_alignment"),
+}
 
 #: A model keeping this share of the reference's accuracy, its mechanism not broken, is Healthy.
 HEALTHY_RETENTION = 0.9
