@@ -14,7 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantdiag.analysis.representations import POSITIONS, STREAMS, SUBSPACE_METRICS, representation_arrays
+from quantdiag.analysis.representations import (
+    POSITIONS,
+    STREAMS,
+    SUBSPACE_METRICS,
+    layer_mean_intervals,
+    representation_arrays,
+)
 from quantdiag.analysis.similarity import cka_matrix, covering_k, debiased_cka, subspace_stats
 from quantdiag.analysis.resample import MIN_PROMPTS, mean_interval, share_interval
 from quantdiag.analysis.spill import LayerRows
@@ -215,3 +221,19 @@ def test_half_sampling_interval_is_the_standard_error_wide():
     assert abs((low + high) / 2) < 0.02
     assert share_interval(0.25, 400) == mean_interval(np.arange(400) < 100)
     assert mean_interval(values[:MIN_PROMPTS - 1]) is None
+
+
+def test_subspace_intervals_hold_the_whole_subsets_value(tmp_path):
+    """16 prompts, k near 16: a half's 8 rows span at most 8 directions, so the halves' subspace
+    similarity sits below the whole subset's; the interval keeps their spread around the whole
+    subset's value (the debiased CKA's halves need no such move, but get it too)."""
+    x = _random(16, 30, 1, 5)
+    y = x + 0.2 * _random(16, 30, 1, 6)
+    xs, ys = _spilled(tmp_path / "x", x), _spilled(tmp_path / "y", y)
+    activation, error, k = subspace_stats(xs, ys, 0)
+    centres = {"cka": debiased_cka(x[:, 0], y[:, 0])}
+    centres |= {"activation": (activation - k / 30) / (1 - k / 30), "error": (error - k / 30) / (1 - k / 30)}
+    intervals = layer_mean_intervals(xs, ys, np.array([k]), centres)
+    assert k > 8
+    for metric, (low, high) in intervals.items():
+        assert low <= centres[metric] <= high, metric

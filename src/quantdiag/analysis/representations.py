@@ -123,15 +123,22 @@ def _compare(
         for index, metric in enumerate(SUBSPACE_METRICS):
             out[f"{SUBSPACE_STREAM}/{position}/{metric}"] = per_layer[:, index]
     x, y = reference[(SUBSPACE_STREAM, INTERVAL_POSITION)], compared[(SUBSPACE_STREAM, INTERVAL_POSITION)]
-    for metric, bounds in layer_mean_intervals(x, y, out[f"{SUBSPACE_STREAM}/{INTERVAL_POSITION}/k"]).items():
+    prefix = f"{SUBSPACE_STREAM}/{INTERVAL_POSITION}/"
+    centres = {"cka": float(np.diag(out[prefix + "cka"]).mean())}
+    for metric in ("activation", "error"):
+        centres[metric] = float(np.mean(above_chance(out[prefix + metric], out[prefix + "k"], x.width)))
+    for metric, bounds in layer_mean_intervals(x, y, out[prefix + "k"], centres).items():
         out[f"{SUBSPACE_STREAM}/{INTERVAL_POSITION}/{metric}_interval"] = np.array(bounds or (np.nan, np.nan))
     return out
 
 
-def layer_mean_intervals(x: LayerRows, y: LayerRows, k: np.ndarray) -> dict[str, tuple[float, float] | None]:
+def layer_mean_intervals(
+    x: LayerRows, y: LayerRows, k: np.ndarray, centres: dict[str, float]
+) -> dict[str, tuple[float, float] | None]:
     """Half-sampling intervals (``resample``) of the layer means the verdict reads: the CKA
     diagonal, and the activation and error subspace similarities above chance (k per layer
-    fixed to the whole subset's). Each half's statistics are recomputed from its own rows."""
+    fixed to the whole subset's), each moved onto the whole subset's value in ``centres``. Each
+    half's statistics are recomputed from its own rows."""
     n = x.count
     if n < MIN_PROMPTS:
         return dict.fromkeys(INTERVAL_METRICS)
@@ -147,7 +154,7 @@ def layer_mean_intervals(x: LayerRows, y: LayerRows, k: np.ndarray) -> dict[str,
             for metric, values in (("activation", ys[rows]), ("error", ys[rows] - xs[rows])):
                 similarity = subspace_similarity(base, top_directions(values, size))
                 per_half[metric][h] += float(above_chance(similarity, size, x.width)) / x.layers
-    return {metric: spread(values) for metric, values in per_half.items()}
+    return {metric: spread(values, centres[metric]) for metric, values in per_half.items()}
 
 
 def representation_summary(arrays: Mapping[str, np.ndarray], subset: str) -> dict:

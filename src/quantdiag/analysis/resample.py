@@ -36,14 +36,18 @@ def interval(statistic: Callable[[np.ndarray], float], n: int, seed: int = 0) ->
     return spread([statistic(rows) for rows in halves(n, seed)])
 
 
-def spread(values: list[float] | np.ndarray) -> tuple[float, float] | None:
-    """The central ``COVERAGE`` of a statistic's values on the halves; ``None`` where any is undefined."""
+def spread(values: list[float] | np.ndarray, centre: float | None = None) -> tuple[float, float] | None:
+    """The central ``COVERAGE`` of a statistic's values on the halves; ``None`` where any is
+    undefined. With ``centre`` (the whole sample's value), the halves' spread is moved onto it:
+    for statistics that depend on the number of rows (a subspace of k directions from n / 2 < k
+    rows has at most n / 2), the halves' level is biased, their spread is not."""
     values = np.asarray(values, dtype=float)
     if not np.isfinite(values).all():
         return None
     tail = (1 - COVERAGE) / 2
     low, high = np.quantile(values, [tail, 1 - tail])
-    return round(float(low), 6), round(float(high), 6)
+    shift = 0.0 if centre is None else centre - float(values.mean())
+    return round(float(low + shift), 6), round(float(high + shift), 6)
 
 
 def mean_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float] | None:
