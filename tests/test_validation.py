@@ -19,7 +19,8 @@ Measured component signatures (quick preset, this test's facts; FFN over all lay
 divergence over blocks 0-2): sign flips / Jaccard / value cosine / focus divergence are
 0.001 / 0.99 / 1.00 / 0.000 (tiny), 0.008 / 0.93 / 1.00 / 0.000 (rtn8), 0.036 / 0.73 / 0.98 / 0.000
 (noise), 0.34 / 0.07 / 0.19 / 0.19 (mlp01), 0.38 / 0.05 / 0.06 / 0.18 (rtn2): the components'
-score is +0.99, +0.97, +0.88, -0.32, -0.45. Debiased CKA diagonal: 1.000 (tiny), 1.000 (rtn8).
+score is +0.99, +0.97, +0.88, -0.32, -0.45. Debiased CKA diagonal / activation subspace / error
+alignment: 1.000 / 1.00 / 0.10 (tiny), 1.000 / 1.00 / 0.11 (rtn8), 0.995 / 0.95 / 0.04 (noise, Failure subset).
 On 2 shared, loaded CPU cores the recall of the six models took about 15 minutes, the component
 pass 4 and the representation pass about 6 a checkpoint: this is the slow end of the suite.
 
