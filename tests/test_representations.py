@@ -1,8 +1,10 @@
-"""Representation similarity (METHODS 5): CKA and subspace properties with hypothesis, the
-streamed statistics against whole-matrix formulas, and the pass on tiny models."""
+"""Representation similarity (METHODS 5): the debiased CKA against the U-statistic that defines
+it and on unrelated noise, CKA and subspace properties with hypothesis, the streamed statistics
+against whole-matrix formulas, the intervals, and the pass on tiny models."""
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -12,15 +14,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantdiag.analysis.representations import POSITIONS, STREAMS, SUBSPACE_METRICS, representation_arrays
-from quantdiag.analysis.similarity import cka_matrix, covering_k, subspace_stats
+from quantdiag.analysis.representations import (
+    POSITIONS,
+    STREAMS,
+    SUBSPACE_METRICS,
+    layer_mean_intervals,
+    representation_arrays,
+)
+from quantdiag.analysis.resample import MIN_PROMPTS, mean_interval, share_interval
+from quantdiag.analysis.similarity import cka_matrix, covering_k, debiased_cka, subspace_stats
 from quantdiag.analysis.spill import LayerRows
 from quantdiag.data.facts import load_pararel, tokenize
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.spec import REFERENCE, QuantSpec
 
 shapes = st.tuples(
-    st.integers(4, 24), st.integers(2, 30), st.integers(1, 3), st.integers(0, 2**16)
+    st.integers(8, 24), st.integers(2, 30), st.integers(1, 3), st.integers(0, 2**16)
 )  # rows, width, layers, seed
 
 
@@ -38,10 +47,62 @@ def _spilled(folder: Path, values: np.ndarray, chunk: int = 5) -> LayerRows:
     return rows
 
 
+def _u_hsic(k: np.ndarray, m: np.ndarray) -> float:
+    """HSIC's U-statistic by its definition (Song et al. 2012, Theorem 2): the mean over ordered
+    4-tuples of distinct rows of h = 1/4! sum over their orderings (t, u, v, w) of
+    k_tu m_tu + k_tu m_vw - 2 k_tu m_tv. A plain loop, O(n^4): for a handful of rows."""
+    n, total, count = len(k), 0.0, 0
+    for rows in itertools.permutations(range(n), 4):
+        h = 0.0
+        for t, u, v, w in itertools.permutations(rows):
+            h += k[t, u] * m[t, u] + k[t, u] * m[v, w] - 2 * k[t, u] * m[t, v]
+        total, count = total + h / 24, count + 1
+    return total / count
+
+
+def _loop_cka(x: np.ndarray, y: np.ndarray) -> float:
+    k, m = x @ x.T, y @ y.T  # uncentred: the U-statistic does not see a shift of the rows
+    return _u_hsic(k, m) / np.sqrt(_u_hsic(k, k) * _u_hsic(m, m))
+
+
 def _whole_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """METHODS 5, on whole matrices: ||Yc^T Xc||^2 / (||Xc^T Xc|| ||Yc^T Yc||)."""
-    x, y = x - x.mean(0), y - y.mean(0)
-    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    """Debiased CKA on whole matrices, the closed form of ``_u_hsic`` (Song et al., eq. 5)."""
+
+    def hsic(k: np.ndarray, m: np.ndarray) -> float:
+        n = len(k)
+        k, m = k - np.diag(np.diag(k)), m - np.diag(np.diag(m))
+        one = np.ones(n)
+        return (
+            np.trace(k @ m) + one @ k @ one * (one @ m @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ k @ m @ one
+        ) / (n * (n - 3))
+
+    k, m = x @ x.T, y @ y.T
+    return hsic(k, m) / np.sqrt(hsic(k, k) * hsic(m, m))
+
+
+def test_debiased_cka_is_the_hsic_u_statistic():
+    """On 7 rows, the streamed and in-memory CKA equal the U-statistic's plain loop."""
+    x, y = _random(7, 5, 1, 3), _random(7, 4, 1, 4)
+    y[:, 0, :2] += x[:, 0, :2]  # related, so the value is far from 0
+    expected = _loop_cka(x[:, 0], y[:, 0])
+    assert expected == pytest.approx(_whole_cka(x[:, 0], y[:, 0]))
+    assert debiased_cka(x[:, 0], y[:, 0]) == pytest.approx(expected)
+    assert _cka(x, y)[0, 0] == pytest.approx(expected)
+
+
+def test_debiased_cka_reads_zero_on_unrelated_noise_where_plain_cka_reads_high():
+    """n = 30 prompts, d = 576 (SmolLM2's width), independent Gaussian rows: plain linear CKA's
+    expectation is near d / (d + n) = 0.95; the debiased one's is 0 (its spread over 10 draws is
+    about 0.04, so the mean of 10 is within 0.05)."""
+    generator = np.random.default_rng(0)
+    draws = [generator.normal(size=(2, 30, 576)) for _ in range(10)]
+    debiased = [debiased_cka(x, y) for x, y in draws]
+    plain = []
+    for x, y in draws:
+        x, y = x - x.mean(0), y - y.mean(0)
+        plain.append(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+    assert abs(np.mean(debiased)) < 0.05
+    assert np.mean(plain) > 0.9
 
 
 def _cka(x: np.ndarray, y: np.ndarray, block: int = 3) -> np.ndarray:
@@ -92,9 +153,9 @@ def test_subspace_stats_match_the_svd_of_the_whole_matrices(tmp_path, rows, widt
     activation, error, k = subspace_stats(_spilled(tmp_path / "x", x), _spilled(tmp_path / "y", y), 0, block=7)
 
     def top(matrix: np.ndarray, k: int) -> np.ndarray:
-        return np.linalg.svd(matrix, full_matrices=False)[2][:k].T
+        return np.linalg.svd(matrix - matrix.mean(0), full_matrices=False)[2][:k].T  # centred columns
 
-    sigma2 = np.linalg.svd(x[:, 0], compute_uv=False) ** 2
+    sigma2 = np.linalg.svd(x[:, 0] - x[:, 0].mean(0), compute_uv=False) ** 2
     assert k == np.searchsorted(np.cumsum(sigma2) / sigma2.sum(), 0.9) + 1
     base = top(x[:, 0], k)
     assert np.isclose(activation, np.linalg.norm(base.T @ top(y[:, 0], k)) ** 2 / k)
@@ -122,8 +183,8 @@ def test_representation_pass_on_a_tiny_model(family_model, tmp_path):
     eight, two = QuantSpec("rtn", 8, 32, True), QuantSpec("rtn", 2, 32, True)
     for spec in (eight, two):
         bank.ensure(spec)
-    prompts = [tokenize(family_model.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19"], 12, 0))]
-    subsets = {"rtn:failure": prompts[:7], "rtn:robust": prompts[7:]}
+    prompts = [tokenize(family_model.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19"], 24, 0))]
+    subsets = {"rtn:failure": prompts[:14], "rtn:robust": prompts[14:]}
     layers = family_model.adapter.n_layers
     work = tmp_path / "work"
     work.mkdir()
@@ -147,3 +208,32 @@ def test_representation_pass_on_a_tiny_model(family_model, tmp_path):
             arrays[8][f"rtn:failure/resid/{position}/activation"].mean()
             > arrays[2][f"rtn:failure/resid/{position}/activation"].mean()
         )
+
+
+def test_half_sampling_interval_is_the_standard_error_wide():
+    """Halves drawn without replacement vary like the full mean: on 400 values of spread 1 the
+    90% interval is about 2 x 1.645 / sqrt(400) = 0.16 wide (a quarter-sample would give 0.28,
+    a half-sample with replacement 0.23), and it is centred on the mean."""
+    values = np.random.default_rng(1).normal(size=400)
+    values = (values - values.mean()) / values.std()
+    low, high = mean_interval(values)
+    assert high - low == pytest.approx(2 * 1.645 / 20, rel=0.15)
+    assert abs((low + high) / 2) < 0.02
+    assert share_interval(0.25, 400) == mean_interval(np.arange(400) < 100)
+    assert mean_interval(values[: MIN_PROMPTS - 1]) is None
+
+
+def test_subspace_intervals_hold_the_whole_subsets_value(tmp_path):
+    """16 prompts, k near 16: a half's 8 rows span at most 8 directions, so the halves' subspace
+    similarity sits below the whole subset's; the interval keeps their spread around the whole
+    subset's value (the debiased CKA's halves need no such move, but get it too)."""
+    x = _random(16, 30, 1, 5)
+    y = x + 0.2 * _random(16, 30, 1, 6)
+    xs, ys = _spilled(tmp_path / "x", x), _spilled(tmp_path / "y", y)
+    activation, error, k = subspace_stats(xs, ys, 0)
+    centres = {"cka": debiased_cka(x[:, 0], y[:, 0])}
+    centres |= {"activation": (activation - k / 30) / (1 - k / 30), "error": (error - k / 30) / (1 - k / 30)}
+    intervals = layer_mean_intervals(xs, ys, np.array([k]), centres)
+    assert k > 8
+    for metric, (low, high) in intervals.items():
+        assert low <= centres[metric] <= high, metric

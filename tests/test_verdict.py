@@ -1,6 +1,8 @@
-"""The verdict (METHODS 8) on synthetic evidence: every signature can flip the verdict, accuracy
-decides Healthy, thin evidence is Inconclusive; evidence is read correctly off results.json;
-where the damage starts and the recommendation follow the run's numbers."""
+"""The verdict (METHODS 8) on synthetic evidence: the paper's three questions, each answered
+once; the mechanism question decides, accuracy decides Healthy, agreement across the questions
+sets the confidence; intervals and the noise floor decide which signatures vote; too few prompts
+is Inconclusive; evidence is read correctly off results.json; where the damage starts and the
+recommendation follow the run's numbers."""
 
 from __future__ import annotations
 
@@ -12,17 +14,30 @@ from quantdiag.analysis.positions import GROUPS
 from quantdiag.verdict import verdict_of
 from quantdiag.verdict.evidence import Measured, measure
 from quantdiag.verdict.recommend import injection_blocks
-from quantdiag.verdict.rules import COLLAPSE, DEGRADATION, HEALTHY, INCONCLUSIVE, decide, decisive, first_damaged_block
+from quantdiag.verdict.rules import (
+    BROKEN,
+    COLLAPSE,
+    DEGRADATION,
+    HEALTHY,
+    INCONCLUSIVE,
+    INTACT,
+    NOT_MEASURED,
+    decide,
+    decisive,
+    first_damaged_block,
+    question_rows,
+)
 from quantdiag.verdict.thresholds import (
     BY_NAME,
-    FULL_EVIDENCE,
     HEALTHY_RETENTION,
-    MIN_SIGNATURES,
+    LOW_RETENTION,
+    MIN_SUBSET,
     REPAIR_GAIN,
     SIGNATURES,
 )
 
 NAMES = [signature.name for signature in SIGNATURES]
+MECHANISM = [s.name for s in SIGNATURES if s.question == "mechanism"]
 LAYERS = 8
 
 
@@ -33,50 +48,108 @@ def _value(name: str, collapse: bool) -> float:
     return signature.threshold * (1.5 if above else 0.5)
 
 
-def _evidence(collapsing: set[str]) -> list[Measured]:
-    return [Measured(name, _value(name, name in collapsing), None) for name in NAMES]
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_each_signature_can_flip_the_verdict(name):
-    """10 signatures, a two-thirds majority: 7 against 3 decides, 6 against 4 does not; so each
-    signature's vote alone turns Degradation or Collapse into Inconclusive."""
-    others = [n for n in NAMES if n != name]
-    three = set(others[:3])
-    assert decide(0.5, _evidence(three)).label == DEGRADATION
-    assert decide(0.5, _evidence(three | {name})).label == INCONCLUSIVE
-    six = set(others[:6])
-    assert decide(0.5, _evidence(six | {name})).label == COLLAPSE
-    assert decide(0.5, _evidence(six)).label == INCONCLUSIVE
+def _evidence(collapsing: set[str], names: list[str] = NAMES) -> list[Measured]:
+    return [Measured(name, _value(name, name in collapsing), None) for name in names]
 
 
 @pytest.mark.parametrize("signature", SIGNATURES, ids=NAMES)
 def test_a_vote_changes_side_at_the_threshold(signature):
     nudge = 1.01 if signature.collapse_when == "above" else 0.99
-    assert signature.votes_collapse(signature.threshold * nudge)
-    assert not signature.votes_collapse(signature.threshold)
+    assert Measured(signature.name, signature.threshold * nudge, None).vote == COLLAPSE
+    assert Measured(signature.name, signature.threshold, None).vote == INTACT
 
 
-def test_accuracy_decides_healthy_unless_the_mechanism_collapsed():
-    intact = _evidence(set())
-    assert decide(0.95, intact).label == HEALTHY
-    assert decide(0.85, intact).label == DEGRADATION
-    assert decide(0.95, _evidence(set(NAMES[:7]))).label == COLLAPSE
-    assert decide(0.95, []).label == HEALTHY  # accuracy alone says it works
-    assert decide(0.5, intact[:1]).label == INCONCLUSIVE  # one number is not a diagnosis
+def test_a_signature_whose_interval_straddles_its_line_does_not_vote():
+    assert Measured("cka_diagonal", 0.55, 1.0, (0.5, 0.58)).vote == COLLAPSE
+    assert Measured("cka_diagonal", 0.55, 1.0, (0.5, 0.62)).vote is None
+    only = [Measured("cka_diagonal", 0.55, 1.0, (0.5, 0.62))]
+    assert question_rows(only)[1]["answer"] == "unclear"
+    assert decide(0.5, only, 40).reason == "mechanism unclear"
 
 
-def test_confidence_grows_with_agreement_and_evidence():
-    full, few = decide(0.5, _evidence(set())), decide(0.5, _evidence(set())[:3])
-    assert full.confidence == 1.0 and few.confidence == 0.5  # 3 of the 6 signatures a full verdict needs
-    assert decide(0.5, _evidence(set(NAMES[:2]))).confidence == 0.8
-    assert decide(0.5, _evidence(set(NAMES[:4]))).confidence is None  # Inconclusive
+def test_the_noise_floor_moves_the_line_by_its_distance_from_the_ideal():
+    """CKA's line 0.6, ideal 1: a floor of 0.9 moves it to 0.5; a floor of 0.2 is damage, not
+    noise, and moves it at most half the way to 0 (0.4). Sign flips: ideal 0, a floor of 0.05
+    moves the line from 0.25 to 0.3."""
+    assert Measured("cka_diagonal", 0.52, 1.0).vote == COLLAPSE
+    assert Measured("cka_diagonal", 0.52, 1.0, None, 0.9).threshold == pytest.approx(0.5)
+    assert Measured("cka_diagonal", 0.52, 1.0, None, 0.9).vote == INTACT
+    assert Measured("cka_diagonal", 0.52, 1.0, None, 0.2).threshold == pytest.approx(0.4)
+    assert Measured("sign_flip", 0.28, 0.0, None, 0.05).threshold == pytest.approx(0.3)
+    assert Measured("lens_rank", 0.03, None, None, 0.5).threshold == BY_NAME["lens_rank"].threshold  # no ideal
+
+
+def test_the_mechanism_question_decides_and_accuracy_decides_healthy():
+    intact, broken = _evidence(set()), _evidence({*MECHANISM, "repairs"})
+    assert decide(0.5, intact, 40).label == DEGRADATION
+    assert decide(0.95, intact, 40).label == HEALTHY
+    assert decide(0.5, broken, 40).label == COLLAPSE
+    assert decide(0.95, broken, 40).label == COLLAPSE  # accuracy does not outvote a broken mechanism
+    no_mechanism = [m for m in intact if m.name not in MECHANISM]
+    assert decide(0.95, no_mechanism, 40).label == HEALTHY
+    assert decide(0.5, no_mechanism, 40).reason == "mechanism not measured"
+    rows = {row["question"]: row for row in question_rows(no_mechanism)}
+    assert rows["mechanism"]["answer"] == NOT_MEASURED
+    assert rows["mechanism"]["command"] == "quantdiag patch RUN --analyses components,representations"
+
+
+def test_broken_components_are_not_outvoted_by_intact_representations():
+    """The mechanism is the lower of its two parts. FFN and attention broken: margins -1/6, -1/2,
+    -1/2, -1/18 (sign flips 0.375 of the way from 0.25 to 1 ...), mean -0.306; CKA, subspace and
+    error alignment intact: +3/4, +1/3, +1/2, mean +0.528. Broken, although the mean of all seven
+    (+0.05) reads intact."""
+    components = {"sign_flip", "jaccard", "value_cosine", "focus_divergence"}
+    measured = _evidence(components | {"repairs"})
+    rows = {row["question"]: row for row in question_rows(measured)}
+    assert rows["mechanism"]["answer"] == BROKEN and rows["mechanism"]["score"] == pytest.approx(-11 / 36, abs=1e-6)
+    assert decide(0.0, measured, 40).label == COLLAPSE
+
+
+def test_a_working_repair_rules_out_collapse():
+    """Mechanism broken, yet the best repair brings back half the Failure subset: Inconclusive."""
+    broken = [m if m.name != "repairs" else Measured("repairs", 0.5, 1.0) for m in _evidence(set(MECHANISM))]
+    assert decide(0.3, broken, 40).label == INCONCLUSIVE
+    assert decide(0.3, broken, 40).reason == "repair works"
+
+
+def test_confidence_is_agreement_across_the_three_questions_not_a_count_of_votes():
+    """All three questions agree: 1. One mechanism signature or seven: the same confidence
+    (correlated votes are one answer). Signal disagreeing: 2 of 3. Only the mechanism measured:
+    (1 + 2 x 1/3) / 3."""
+    assert decide(0.5, _evidence(set()), 40).confidence == 1.0
+    one, seven = ["cka_diagonal", "lens_rank", "early_damage"], NAMES
+    assert decide(0.5, _evidence(set(), one), 40).confidence == decide(0.5, _evidence(set(), seven), 40).confidence
+    assert decide(0.5, _evidence({"lens_rank", "patching"}), 40).confidence == pytest.approx(0.667)
+    assert decide(0.5, _evidence(set(), MECHANISM), 40).confidence == pytest.approx(0.556)
+
+
+def test_little_accuracy_and_no_working_repair_is_never_high_confidence_degradation():
+    """Every question reads intact, but the model keeps almost nothing and the repairs fail:
+    low confidence. With a repair that works, the same evidence is high confidence."""
+    failing = [m if m.name != "repairs" else Measured("repairs", 0.02, 1.0) for m in _evidence(set())]
+    untried = [m for m in _evidence(set()) if m.name != "repairs"]
+    assert decide(LOW_RETENTION / 2, untried, 40) == decide(LOW_RETENTION / 2, failing, 40)
+    assert (decide(LOW_RETENTION / 2, failing, 40).label, decide(LOW_RETENTION / 2, failing, 40).confidence) == (
+        DEGRADATION,
+        0.59,
+    )
+    assert decide(LOW_RETENTION / 2, _evidence(set()), 40).confidence == 1.0  # its repair reaches 0.15
+
+
+def test_too_few_prompts_is_inconclusive_and_names_the_fix():
+    results, setting = _deep_results(failures=MIN_SUBSET - 1, robust=MIN_SUBSET - 1)
+    verdict = verdict_of(results, setting)
+    assert (verdict["verdict"], verdict["reason"]) == (INCONCLUSIVE, "too few prompts")
+    assert verdict["subset"] == {"name": None, "prompts": None, "robust": 7, "failure": 7}
+    assert "--facts" in verdict["recommendation"]["text"]
 
 
 def test_the_deciding_signatures_are_the_clearest_agreeing_ones():
     measured = [Measured("cka_diagonal", 0.05, 1.0), Measured("jaccard", 0.14, 1.0), Measured("sign_flip", 0.05, 0.0)]
     assert decisive(COLLAPSE, measured) == ["cka_diagonal", "jaccard"]
     assert decisive(DEGRADATION, measured) == ["sign_flip"]
+    ranks = [Measured("lens_rank", 0.5, None), Measured("jaccard", 0.14, 1.0)]
+    assert decisive(COLLAPSE, ranks) == ["lens_rank", "jaccard"]  # 1.4 decades past 0.02: further than 0.01 of 0.15
 
 
 def _setting(
@@ -174,7 +247,7 @@ def _matrix(diagonal: list[float], off: float) -> list[list[float]]:
     return [[diagonal[i] if i == j else off for j in range(DEEP)] for i in range(DEEP)]
 
 
-def _deep_results(failures: int = 10) -> tuple[dict, dict]:
+def _deep_results(failures: int = 10, robust: int = 30) -> tuple[dict, dict]:
     """A synthetic results.json with every section a verdict reads, curves that vary over the
     layers, and decoys (other subsets, streams, positions) holding the values a wrong reader
     would take."""
@@ -231,6 +304,7 @@ def _deep_results(failures: int = 10) -> tuple[dict, dict]:
                 "sign_flip": [0.1, None, 0.3] + [0.2] * 13,
                 "jaccard": [0.8] * 8 + [0.2] * 8,
                 "value_cosine": [0.9] * 4 + [0.5] * 12,
+                "focus_divergence": [0.05, 0.15] + [0.9] * 14,
                 "entropy_subject": [0.0] * DEEP,
             }
         },
@@ -263,7 +337,7 @@ def _deep_results(failures: int = 10) -> tuple[dict, dict]:
     }
     results = {
         "model": {"n_layers": DEEP, "hidden_size": 100, "vocab_size": 1000},
-        "subsets": {"rtn": {"robust": 30, "failure": failures}},
+        "subsets": {"rtn": {"robust": robust, "failure": failures}},
         "settings": [reference, setting],
     }
     return results, setting
@@ -275,7 +349,9 @@ def test_every_evidence_value_by_hand():
     measured = measure(results, setting)
     expected = {
         "lens_rank": (30 / 1000, 2 / 1000),  # best median rank over the layers, over the vocabulary
-        "patching": (0.7, None),  # strongest residual cell; the last token's layers 12-15 left out
+        # subject patching: the last subject token's mean over layers 0-7 (a 0.62 and seven 0.05),
+        # not the strongest cell anywhere (0.7 at the last token)
+        "patching": ((0.62 + 7 * 0.05) / 8, None),
         # 0.475: the diagonal only, not the off-diagonal 0.9
         "cka_diagonal": ((1.0 + 0.9 + 0.8 + 0.7 + 0.6 + 0.5 + 0.4 + 9 * 0.3) / 16, 1.0),
         "activation_subspace": (((0.91 - 0.1) / 0.9 + (0.6 - 0.2) / 0.8) / 2, 1.0),  # chance k/d = 0.1, then 0.2: 0.7
@@ -283,26 +359,45 @@ def test_every_evidence_value_by_hand():
         "sign_flip": ((0.1 + 0.3 + 13 * 0.2) / 15, 0.0),  # 0.2: the undefined layer is left out
         "jaccard": (0.5, 1.0),
         "value_cosine": ((4 * 0.9 + 12 * 0.5) / 16, 1.0),  # 0.6
-        # 0.65: blocks 0-1 (16 // 8 = 2) quantized, 30 Robust and 10 Failure prompts
+        "focus_divergence": (0.1, 0.0),  # the early blocks only (16 // 8 = 2): 0.05 and 0.15
+        # 0.65: blocks 0-1 quantized, 30 Robust and 10 Failure prompts
         "early_damage": ((30 * 0.8 + 10 * 0.2) / 40, 1.0),
         "repairs": (0.25, 1.0),  # EoRA's; the baseline's 0.3 is no repair
     }
     assert [m.name for m in measured] == list(expected)
     assert {m.name: m.value for m in measured} == pytest.approx({name: pair[0] for name, pair in expected.items()})
     assert {m.name: m.reference for m in measured} == {name: pair[1] for name, pair in expected.items()}
-    verdict = verdict_of(results, setting)  # Collapse votes: lens_rank and cka_diagonal, 2 of 10
-    assert (verdict["verdict"], verdict["confidence"], verdict["retention"]) == (DEGRADATION, 0.8, 0.4)
+    verdict = verdict_of(results, setting)
+    answers = {row["question"]: row["answer"] for row in verdict["questions"]}
+    # the signal reads broken (rank share 0.03 > 0.02, patching 0.12 < 0.2); the mechanism is
+    # intact on the mean of its margins (only the CKA diagonal is past its line); intervention intact
+    assert answers == {"signal": BROKEN, "mechanism": INTACT, "intervention": INTACT}
+    assert (verdict["verdict"], verdict["confidence"], verdict["retention"]) == (DEGRADATION, 0.667, 0.4)
+    assert verdict["subset"] == {"name": "failure", "prompts": 10, "robust": 30, "failure": 10}
     assert (verdict["first_damaged_block"], verdict["damage_evidence"]) == (2, "domino")
 
 
-def test_evidence_comes_from_the_robust_subset_when_nothing_fails():
-    """No Failure prompts: the lens and patching are read on the Robust subset, and the domino
-    test's accuracy is the Robust curve's."""
-    results, setting = _deep_results(failures=0)
+def test_evidence_comes_from_the_robust_subset_when_too_few_prompts_fail():
+    """Fewer Failure prompts than the intervals need: the lens and patching are read on the
+    Robust subset, and the domino test's accuracy is the Robust curve's."""
+    results, setting = _deep_results(failures=MIN_SUBSET - 1)
     values = {m.name: m.value for m in measure(results, setting)}
     assert values["lens_rank"] == pytest.approx(5 / 1000)
-    assert values["patching"] == pytest.approx(0.9)
-    assert values["early_damage"] == pytest.approx(0.8)
+    assert values["patching"] == pytest.approx((0.9 + 7 * 0.05) / 8)
+    assert values["early_damage"] == pytest.approx((30 * 0.8 + 7 * 0.2) / 37)
+
+
+def test_intervals_and_the_floor_come_from_results_json():
+    """Per-prompt component values give the interval; the run's 8-bit setting is the floor."""
+    results, setting = _deep_results()
+    setting["prompt_values"] = {"rtn:failure": {"jaccard": [[0.7] * DEEP, [0.9] * DEEP] * 5}}
+    eight = {**setting, "key": "rtn-w8", "bits": 8, "components": {"rtn:failure": {"jaccard": [0.95] * DEEP}}}
+    results["settings"].append(eight)
+    jaccard = next(m for m in measure(results, setting) if m.name == "jaccard")
+    low, high = jaccard.interval
+    assert 0.7 < low < 0.8 < high < 0.9  # halves of five 0.7s and five 0.9s
+    assert jaccard.floor == pytest.approx(0.95) and jaccard.threshold == pytest.approx(0.1)
+    assert jaccard.value == pytest.approx(0.5)  # the curve's mean over all layers
 
 
 def test_4_bit_like_evidence_is_degradation_and_2_bit_like_is_collapse():
@@ -328,6 +423,7 @@ def test_4_bit_like_evidence_is_degradation_and_2_bit_like_is_collapse():
     assert bad["verdict"] == COLLAPSE and bad["confidence_level"] == "high" and bad["first_damaged_block"] == 0
     assert "failed" in bad["recommendation"]["text"] and "blocks 0-2" in bad["recommendation"]["text"]
     assert injection_blocks(results, two) == 3 and injection_blocks(results, four) is None
+    assert bad["confidence"] == 1.0  # signal, mechanism and intervention all read broken
     rows = {row["name"]: row for row in bad["signatures"]}
     assert (
         rows["cka_diagonal"]["vote"] == COLLAPSE
@@ -352,5 +448,5 @@ def test_docs_state_every_threshold():
     for signature in SIGNATURES:
         side = ">" if signature.collapse_when == "above" else "<"
         assert f"`{signature.name}`" in text and f"| {side} {signature.threshold:g} |" in text, signature.name
-    assert f"**{HEALTHY_RETENTION:.0%}**" in text and f"**{FULL_EVIDENCE}**" in text and f"**{MIN_SIGNATURES}**" in text
-    assert f"**{REPAIR_GAIN * 100:g} points**" in text
+    assert f"**{HEALTHY_RETENTION:.0%}**" in text and f"**{LOW_RETENTION:.0%}**" in text
+    assert f"**{MIN_SUBSET}**" in text and f"**{REPAIR_GAIN * 100:g} points**" in text

@@ -5,8 +5,10 @@ here, help text and default together (``option``); ``quantdiag.resolve`` reads w
 name (checkpoints, facts, the output folder) once per run.
 
 ``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2): recall, the logit
-lens, and the component and representation metrics, enough for a verdict; ``full`` is the default
-diagnosis, adding cross-model patching, zero ablation, the sensitivity maps and the repairs. The
+lens, the component and representation metrics and the sensitivity maps (the domino test), so
+that each of the verdict's three questions is answered, by the same definitions as in ``full``
+(docs/verdict.md); ``full`` is the default diagnosis, adding cross-model patching, zero ablation
+and the repairs. The
 calibration set defaults to 16 x 256 tokens, enough for small models on a CPU; for a paper-scale
 run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 """
@@ -38,7 +40,7 @@ PRESETS: dict[str, dict] = {
         "facts_per_relation": 6,
         "robustness_facts": 40,
         "max_paraphrases": 2,
-        "analyses": ("components", "representations"),
+        "analyses": ("components", "representations", "sensitivity"),
         "patch_prompts": 4,
     },
     "full": {

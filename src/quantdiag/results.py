@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from quantdiag.analysis.causal import CAUSAL_ANALYSES
-from quantdiag.analysis.components import component_curves
+from quantdiag.analysis.components import PAIR_METRICS, component_curves
 from quantdiag.analysis.effects import as_json, per_token_restoration, subset_summary
 from quantdiag.analysis.lens import lens_curves
 from quantdiag.analysis.positions import GROUPS
@@ -157,7 +157,27 @@ def _setting(context: RunContext, item: Evaluated, groups: Groups, analyses: Ana
         setting["sensitivity"] = sensitivity_summary(analyses.sensitivity[compared])
     if compared in analyses.repairs:
         setting["repairs"] = repair_summary(analyses.repairs[compared])
+    if compared != REFERENCE:
+        setting["prompt_values"] = _prompt_values(context, item, groups, analyses)
     return setting
+
+
+def _prompt_values(context: RunContext, item: Evaluated, groups: Groups, analyses: Analyses) -> dict:
+    """Per subset of the setting's method, the per-prompt values the verdict's intervals are
+    drawn from (docs/verdict.md, Intervals): each prompt's lens ranks and component metrics
+    against the reference, per layer."""
+    out = {}
+    method = item.setting.method
+    for name, rows in groups.get(method, {}).items():
+        values: dict = {}
+        if item.scores.lens_rank is not None and len(rows):
+            values["lens_rank"] = item.scores.lens_rank[rows].astype(int).tolist()
+        if analyses.components and len(rows):
+            at = np.searchsorted(analyses.components["rows"], rows)
+            for metric in PAIR_METRICS:
+                values[metric] = as_json(analyses.components[f"{item.setting.key}/{metric}"][at])
+        out[f"{method}:{name}"] = values
+    return out
 
 
 def _scores(context: RunContext, item: Evaluated, groups: Groups) -> dict:

@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 from quantdiag.analysis.effects import as_json
 from quantdiag.analysis.forward import length_batches
 from quantdiag.analysis.patching import KIND_SITES
-from quantdiag.analysis.similarity import cka_matrix, subspace_stats
+from quantdiag.analysis.resample import MIN_PROMPTS, halves, spread
+from quantdiag.analysis.similarity import (
+    above_chance,
+    centred_gram,
+    cka_matrix,
+    gram_cka,
+    subspace_similarity,
+    subspace_stats,
+    top_directions,
+)
 from quantdiag.analysis.spill import LayerRows
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel
@@ -34,6 +43,10 @@ POSITIONS = ("subject", "last")
 #: The stream whose subspaces are measured (docs/methods.md, Representations: the activation matrix of the layer).
 SUBSPACE_STREAM = "resid"
 SUBSPACE_METRICS = ("activation", "error", "k")
+#: The position whose layer-mean statistics get intervals over prompts (the verdict's, docs/verdict.md).
+INTERVAL_POSITION = "subject"
+#: Those statistics: the mean CKA diagonal and the mean subspace similarities above chance.
+INTERVAL_METRICS = ("cka", "activation", "error")
 
 
 @torch.inference_mode()
@@ -109,15 +122,48 @@ def _compare(
         per_layer = np.array([subspace_stats(x, y, layer, device) for layer in range(x.layers)])
         for index, metric in enumerate(SUBSPACE_METRICS):
             out[f"{SUBSPACE_STREAM}/{position}/{metric}"] = per_layer[:, index]
+    x, y = reference[(SUBSPACE_STREAM, INTERVAL_POSITION)], compared[(SUBSPACE_STREAM, INTERVAL_POSITION)]
+    prefix = f"{SUBSPACE_STREAM}/{INTERVAL_POSITION}/"
+    centres = {"cka": float(np.diag(out[prefix + "cka"]).mean())}
+    for metric in ("activation", "error"):
+        centres[metric] = float(np.mean(above_chance(out[prefix + metric], out[prefix + "k"], x.width)))
+    for metric, bounds in layer_mean_intervals(x, y, out[prefix + "k"], centres).items():
+        out[f"{SUBSPACE_STREAM}/{INTERVAL_POSITION}/{metric}_interval"] = np.array(bounds or (np.nan, np.nan))
     return out
 
 
+def layer_mean_intervals(
+    x: LayerRows, y: LayerRows, k: np.ndarray, centres: dict[str, float]
+) -> dict[str, tuple[float, float] | None]:
+    """Half-sampling intervals (``resample``) of the layer means the verdict reads: the CKA
+    diagonal, and the activation and error subspace similarities above chance (k per layer
+    fixed to the whole subset's), each moved onto the whole subset's value in ``centres``. Each
+    half's statistics are recomputed from its own rows."""
+    n = x.count
+    if n < MIN_PROMPTS:
+        return dict.fromkeys(INTERVAL_METRICS)
+    picks = halves(n)
+    per_half = {metric: np.zeros(len(picks)) for metric in INTERVAL_METRICS}
+    for layer in range(x.layers):
+        xs, ys = (torch.from_numpy(rows.block(layer, 0, n)).double() for rows in (x, y))
+        grams = centred_gram(xs.numpy()), centred_gram(ys.numpy())
+        size = int(k[layer])
+        for h, rows in enumerate(torch.from_numpy(picks)):
+            per_half["cka"][h] += gram_cka(*(gram[rows][:, rows] for gram in grams)) / x.layers
+            base = top_directions(xs[rows], size)
+            for metric, values in (("activation", ys[rows]), ("error", ys[rows] - xs[rows])):
+                similarity = subspace_similarity(base, top_directions(values, size))
+                per_half[metric][h] += float(above_chance(similarity, size, x.width)) / x.layers
+    return {metric: spread(values, centres[metric]) for metric, values in per_half.items()}
+
+
 def representation_summary(arrays: Mapping[str, np.ndarray], subset: str) -> dict:
-    """The results.json view of one subset: CKA matrices per stream and position, and the
-    residual stream's subspace curves per position (``None`` for the reference)."""
+    """The results.json view of one subset: CKA matrices per stream and position, the residual
+    stream's subspace curves per position, and the intervals of their layer means at
+    ``INTERVAL_POSITION`` (``None`` for the reference; an interval is ``None`` with too few prompts)."""
     cka = {stream: {p: as_json(arrays[f"{subset}/{stream}/{p}/cka"]) for p in POSITIONS} for stream in STREAMS}
     if f"{subset}/{SUBSPACE_STREAM}/{POSITIONS[0]}/k" not in arrays:
-        return {"cka": cka, "subspaces": None}
+        return {"cka": cka, "subspaces": None, "intervals": None}
     subspaces = {
         p: {
             "activation": as_json(arrays[f"{subset}/{SUBSPACE_STREAM}/{p}/activation"]),
@@ -126,4 +172,9 @@ def representation_summary(arrays: Mapping[str, np.ndarray], subset: str) -> dic
         }
         for p in POSITIONS
     }
-    return {"cka": cka, "subspaces": subspaces}
+    intervals = {
+        metric: None if np.isnan(bounds).any() else bounds.tolist()
+        for metric in INTERVAL_METRICS
+        for bounds in [arrays[f"{subset}/{SUBSPACE_STREAM}/{INTERVAL_POSITION}/{metric}_interval"]]
+    }
+    return {"cka": cka, "subspaces": subspaces, "intervals": intervals}

@@ -1,10 +1,13 @@
 """Representation similarity (docs/methods.md, Representations) computed from spilled rows, block by block, exactly.
 
-* Linear CKA (Kornblith et al. 2019) of x's layer i against y's layer j, the whole L x L matrix:
-  ``||Yc^T Xc||_F^2 = <Xc Xc^T, Yc Yc^T>``, so it is a sum over pairs of row blocks of products
-  of centred Gram blocks. Memory: a few (L, block, block) arrays, whatever the number of rows.
-* Subspaces: the top right singular vectors of an activation matrix are the top eigenvectors of
-  its (d x d) second-moment matrix, which streams row block by row block (with no more rows
+* Debiased linear CKA (the unbiased HSIC estimator of Song et al. 2012, as used for CKA by
+  Nguyen et al. 2021) of x's layer i against y's layer j, the whole L x L matrix. Linear CKA's
+  plain estimator reads about d / (d + n) on unrelated rows (0.95 at n = 30, d = 576); this one
+  reads 0 on average. Its terms (the Gram matrices' off-diagonal products, sums and row sums)
+  add up over pairs of row blocks of centred Gram blocks. Memory: a few (L, block, block)
+  arrays and (L, rows) row sums.
+* Subspaces: the top right singular vectors of a column-centred activation matrix are the top
+  eigenvectors of its (d x d) covariance, which streams row block by row block (with no more rows
   than d, the matrix itself is smaller and its SVD is taken instead).
 """
 
@@ -19,37 +22,108 @@ from quantdiag.analysis.spill import LayerRows
 
 #: Share of the spectral energy (sum of sigma^2) the top-k directions must hold.
 ENERGY = 0.9
-#: Linear CKA of centred rows needs 3 prompts: on 1 it is undefined, on 2 it is 1 whatever the rows.
-CKA_MIN_PROMPTS = 3
+#: The unbiased HSIC estimator divides by n (n - 1) (n - 2) (n - 3): it needs 4 prompts.
+CKA_MIN_PROMPTS = 4
 #: Rows per block: memory of the CKA is about 4 x layers x BLOCK^2 floats.
 BLOCK = 256
 
 
 def cka_matrix(x: LayerRows, y: LayerRows, device: torch.device | str = "cpu", block: int = BLOCK) -> np.ndarray:
-    """(x.layers, y.layers) linear CKA between x's layers and y's, over the same rows."""
+    """(x.layers, y.layers) debiased linear CKA between x's layers and y's, over the same rows
+    (NaN with fewer than ``CKA_MIN_PROMPTS`` rows)."""
+    n = x.count
     cross = torch.zeros(x.layers, y.layers, dtype=torch.float64, device=device)
-    own_x = torch.zeros(x.layers, dtype=torch.float64, device=device)
-    own_y = torch.zeros(y.layers, dtype=torch.float64, device=device)
-    starts = range(0, x.count, block)
+    own = {"x": torch.zeros(x.layers, dtype=torch.float64, device=device)}
+    own["y"] = torch.zeros(y.layers, dtype=torch.float64, device=device)
+    sums = {"x": torch.zeros_like(own["x"]), "y": torch.zeros_like(own["y"])}
+    row_sums = {
+        name: torch.zeros(rows.layers, n, dtype=torch.float64, device=device) for name, rows in (("x", x), ("y", y))
+    }
+    starts = range(0, n, block)
     for a in starts:
         for b in (b for b in starts if b >= a):
             weight = 1.0 if a == b else 2.0  # the (b, a) block is the transpose: same products
-            gram_x = _centred_grams(x, a, b, block, device)
-            gram_y = _centred_grams(y, a, b, block, device)
-            cross += weight * gram_x @ gram_y.T
-            own_x += weight * (gram_x * gram_x).sum(1)
-            own_y += weight * (gram_y * gram_y).sum(1)
-    return (cross / torch.outer(own_x, own_y).sqrt()).cpu().numpy()
+            grams = {"x": _centred_grams(x, a, b, block, device), "y": _centred_grams(y, a, b, block, device)}
+            if a == b:
+                for gram in grams.values():
+                    gram.diagonal(dim1=1, dim2=2).zero_()
+            cross += weight * grams["x"].flatten(1) @ grams["y"].flatten(1).T
+            for name, gram in grams.items():
+                own[name] += weight * (gram * gram).sum((1, 2))
+                sums[name] += weight * gram.sum((1, 2))
+                row_sums[name][:, a : a + gram.shape[1]] += gram.sum(2)
+                if a != b:
+                    row_sums[name][:, b : b + gram.shape[2]] += gram.sum(1)
+    hsic = lambda p, q, products: unbiased_hsic(products, sums[p], sums[q], row_sums[p], row_sums[q], n)  # noqa: E731
+    xx = torch.diagonal(hsic("x", "x", torch.diag(own["x"])))
+    yy = torch.diagonal(hsic("y", "y", torch.diag(own["y"])))
+    return (hsic("x", "y", cross) / torch.outer(xx, yy).sqrt()).cpu().numpy()
+
+
+def unbiased_hsic(
+    products: torch.Tensor,
+    sums_x: torch.Tensor,
+    sums_y: torch.Tensor,
+    row_sums_x: torch.Tensor,
+    row_sums_y: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """Song et al.'s unbiased HSIC of every pair (i, j) from Gram matrices K_i, L_j with zero
+    diagonals: ``[tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n(n-3))``; ``products``
+    holds tr(K_i L_j), ``sums`` 1'K1, ``row_sums`` K1 (layers x n). NaN below 4 rows."""
+    if n < CKA_MIN_PROMPTS:
+        return torch.full_like(products, float("nan"))
+    total = products + torch.outer(sums_x, sums_y) / ((n - 1) * (n - 2)) - 2 / (n - 2) * row_sums_x @ row_sums_y.T
+    return total / (n * (n - 3))
+
+
+def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Debiased linear CKA of two in-memory (rows x width) matrices (``cka_matrix``'s estimator)."""
+    return gram_cka(*(centred_gram(values) for values in (x, y)))
+
+
+def centred_gram(values: np.ndarray) -> torch.Tensor:
+    """``Xc Xc^T`` (float64) of the column-centred rows of ``values``."""
+    centred = torch.from_numpy(np.asarray(values, dtype=np.float64))
+    centred = centred - centred.mean(0)
+    return centred @ centred.T
+
+
+def gram_cka(gram_x: torch.Tensor, gram_y: torch.Tensor) -> float:
+    """Debiased linear CKA from two (n x n) Gram matrices (their diagonals are ignored). The
+    unbiased HSIC does not change when the rows are re-centred, so Gram matrices of a subset of
+    rows, cut from the whole set's, give the subset's CKA."""
+    grams = [gram.clone().fill_diagonal_(0) for gram in (gram_x, gram_y)]
+    sums = [gram.sum().reshape(1) for gram in grams]
+    rows = [gram.sum(1).reshape(1, -1) for gram in grams]
+
+    def hsic(p: int, q: int) -> float:
+        products = (grams[p] * grams[q]).sum().reshape(1, 1)
+        return float(unbiased_hsic(products, sums[p], sums[q], rows[p], rows[q], len(gram_x)))
+
+    return hsic(0, 1) / float(np.sqrt(hsic(0, 0) * hsic(1, 1)))
+
+
+def above_chance(similarity: np.ndarray, k: np.ndarray, width: int) -> np.ndarray:
+    """Subspace similarity above chance, (s - k/d) / (1 - k/d): two random k-dimensional
+    subspaces of a d-dimensional space overlap k/d."""
+    chance = np.asarray(k, dtype=float) / width
+    return (np.asarray(similarity, dtype=float) - chance) / (1 - chance)
+
+
+def top_directions(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k right singular vectors (d x k) of the column-centred rows of ``values``."""
+    return torch.linalg.svd(values - values.mean(0), full_matrices=False)[2][:k].T
 
 
 def _centred_grams(rows: LayerRows, a: int, b: int, block: int, device: torch.device | str) -> torch.Tensor:
-    """Per layer, the centred Gram block ``X[a:a+block] X[b:b+block]^T``, flattened (float64)."""
+    """Per layer, the centred Gram block ``X[a:a+block] X[b:b+block]^T`` (layers x rows x rows, float64)."""
 
     def centred(layer: int, start: int) -> torch.Tensor:
-        values = torch.from_numpy(rows.block(layer, start, start + block)).to(device)
-        return values - torch.from_numpy(rows.mean(layer)).to(device, values.dtype)
+        values = torch.from_numpy(rows.block(layer, start, start + block)).to(device, torch.float64)
+        return values - torch.from_numpy(rows.mean(layer)).to(device)
 
-    return torch.stack([(centred(layer, a) @ centred(layer, b).T).flatten() for layer in range(rows.layers)]).double()
+    return torch.stack([centred(layer, a) @ centred(layer, b).T for layer in range(rows.layers)])
 
 
 def covering_k(eigenvalues: torch.Tensor, energy: float = ENERGY) -> int:
@@ -74,12 +148,15 @@ def subspace_stats(
     block: int = BLOCK,
 ) -> tuple[float, float, int]:
     """At ``layer``: similarity of y's top-k activation directions with x's, similarity of the
-    error's (y - x) top-k directions with x's, and k (the smallest covering ``energy`` of x's)."""
+    error's (y - x) top-k directions with x's, and k (the smallest covering ``energy`` of x's);
+    every matrix column-centred, so a mean direction both share does not count as agreement."""
+
+    means = {name: torch.from_numpy(rows.mean(layer)).to(device) for name, rows in (("x", x), ("y", y))}
 
     def blocks(which: str) -> Iterator[torch.Tensor]:
         for start in range(0, x.count, block):
-            xs = torch.from_numpy(x.block(layer, start, start + block)).to(device, torch.float64)
-            ys = torch.from_numpy(y.block(layer, start, start + block)).to(device, torch.float64)
+            xs = torch.from_numpy(x.block(layer, start, start + block)).to(device, torch.float64) - means["x"]
+            ys = torch.from_numpy(y.block(layer, start, start + block)).to(device, torch.float64) - means["y"]
             yield {"x": xs, "y": ys, "error": ys - xs}[which]
 
     values, vectors = _spectrum(blocks("x"), x.count, x.width)

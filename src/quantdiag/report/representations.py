@@ -51,8 +51,8 @@ def representation_sections(results: dict) -> Iterator[Section]:
 
 def _too_few(prompts: int) -> str:
     return (
-        f"Not drawn: linear CKA over {prompts} prompt{'s' * (prompts != 1)} is "
-        f"{'undefined' if prompts < 2 else '1 by construction'}; it needs at least {CKA_MIN_PROMPTS}."
+        f"Not drawn: debiased linear CKA over {prompts} prompt{'s' * (prompts != 1)} is undefined; "
+        f"it needs at least {CKA_MIN_PROMPTS}."
     )
 
 

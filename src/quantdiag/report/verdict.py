@@ -1,6 +1,7 @@
 """The report's opening: one card per compared model (verdict, confidence, accuracy against the
-reference, the signatures that decided it, the recommendation) and the table of every signature
-with its value, the reference's, the threshold and the vote."""
+reference, the subset the evidence rests on, the answers to the three questions, the signatures
+that decided it, the recommendation) and the table of every signature with its value, interval,
+the reference's value, the line it was judged against with the noise floor, and the vote."""
 
 from __future__ import annotations
 
@@ -21,13 +22,27 @@ def _where(verdict: dict) -> str | None:
     return f"block {block} ({source})"
 
 
+def _subset(verdict: dict) -> str:
+    """Which subset the evidence rests on, and both subsets' sizes."""
+    subset = verdict["subset"]
+    sizes = f"Robust {subset['robust']}, Failure {subset['failure']}"
+    if subset["name"] is None:
+        return f"too few prompts ({sizes})"
+    return f"{subset['name'].capitalize()}, {subset['prompts']} prompts ({sizes})"
+
+
+def _question_line(row: dict) -> str:
+    score = "" if row["score"] is None else f" ({row['score']:+.2f})"
+    command = f": {row['command']}" if row["command"] else ""
+    return f"{row['title']} {row['answer']}{score}{command}"
+
+
 def verdict_cards(results: dict) -> list[dict]:
     """The cards, in the order of the settings."""
     cards = []
     for setting in results["settings"][1:]:
         verdict = setting["verdict"]
         by_name = {row["name"]: row for row in verdict["signatures"]}
-        collapse_votes = sum(row["vote"] == "collapse" for row in verdict["signatures"])
         cards.append(
             {
                 "label": setting["label"],
@@ -42,7 +57,8 @@ def verdict_cards(results: dict) -> list[dict]:
                 ),
                 "bits": f"{setting['average_bits']:.2f}",
                 "where": _where(verdict),
-                "votes": f"{collapse_votes} of {len(verdict['signatures'])} signatures vote Collapse",
+                "subset": _subset(verdict),
+                "questions": [_question_line(row) for row in verdict["questions"]],
                 "decisive": [_decisive_line(by_name[name]) for name in verdict["decisive"]],
                 "recommendation": verdict["recommendation"]["text"],
             }
@@ -58,9 +74,22 @@ def _decisive_line(row: dict) -> str:
     )
 
 
+def cell_text(row: dict) -> str:
+    """A signature's value with its interval, and the line it was judged against when the noise
+    floor moved it (with the floor's value)."""
+    name = row["name"]
+    text = format_value(name, row["value"])
+    if row["interval"] is not None:
+        low, high = row["interval"]
+        text += f" [{format_value(name, low)}, {format_value(name, high)}]"
+    if row["floor"] is not None:
+        text += f"; line {format_value(name, row['threshold'])} (floor {format_value(name, row['floor'])})"
+    return text
+
+
 def signature_table(results: dict) -> dict:
-    """Rows: signatures any model measured; columns: threshold, reference, then each model with
-    its value and vote."""
+    """Rows: signatures any model measured; columns: question, threshold, reference, then each
+    model with its value, interval, floor-moved line and vote."""
     settings = results["settings"][1:]
     measured = [{row["name"]: row for row in s["verdict"]["signatures"]} for s in settings]
     rows = []
@@ -72,15 +101,17 @@ def signature_table(results: dict) -> dict:
         rows.append(
             {
                 "title": signature.title,
+                "question": signature.question,
                 "measure": signature.measure,
                 "threshold": f"{signature.collapse_side} {format_value(signature.name, signature.threshold)}",
                 "reference": format_value(signature.name, reference),
                 "cells": [
                     {"text": "not measured", "vote": "none"}
                     if cell is None
-                    else {"text": format_value(signature.name, cell["value"]), "vote": cell["vote"]}
+                    else {"text": cell_text(cell), "vote": cell["vote"]}
                     for cell in cells
                 ],
             }
         )
-    return {"labels": [s["label"] for s in settings], "rows": rows}
+    floors = [s["verdict"]["noise_floor"] for s in settings]
+    return {"labels": [s["label"] for s in settings], "rows": rows, "floors": floors}

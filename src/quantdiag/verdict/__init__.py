@@ -5,41 +5,73 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from quantdiag.verdict.evidence import measure
+from quantdiag.analysis.resample import COVERAGE, DRAWS
+from quantdiag.verdict.evidence import floor_setting, measure, subset_key
 from quantdiag.verdict.recommend import recommend
-from quantdiag.verdict.rules import TITLES, confidence_level, decide, decisive, first_damaged_block, signature_rows
+from quantdiag.verdict.rules import (
+    TITLES,
+    confidence_level,
+    decide,
+    decisive,
+    first_damaged_block,
+    question_rows,
+    signature_rows,
+)
 from quantdiag.verdict.thresholds import (
     CONFIDENCE_LEVELS,
-    FULL_EVIDENCE,
+    FLOOR_BITS,
     HEALTHY_RETENTION,
-    MAJORITY,
-    MIN_SIGNATURES,
+    LOW_CAP,
+    LOW_RETENTION,
+    MIN_SUBSET,
     SIGNATURES,
+    UNANSWERED,
 )
 
 
 def verdict_of(results: dict, setting: dict) -> dict:
-    """One compared model's verdict, with every signature, the deciding ones, where the damage
-    starts and what to do; ``docs/results.md`` documents the fields."""
+    """One compared model's verdict, with the three questions' answers, every signature, the
+    deciding ones, the subset it rests on, where the damage starts and what to do;
+    ``docs/results.md`` documents the fields."""
     reference = results["settings"][0]["recall"]["accuracy"]
     accuracy = setting["recall"]["accuracy"]
     retention = accuracy / reference if reference else 0.0
     measured = measure(results, setting)
-    decision = decide(retention, measured)
+    subset = evidence_subset(results, setting)
+    decision = decide(retention, measured, subset["prompts"])
     block, source = first_damaged_block(results, setting)
+    floor = floor_setting(results, setting)
     return {
         "verdict": decision.label,
         "title": TITLES[decision.label],
         "confidence": decision.confidence,
         "confidence_level": confidence_level(decision.confidence),
+        "reason": decision.reason,
         "accuracy": accuracy,
         "reference_accuracy": reference,
         "retention": round(retention, 6),
+        "subset": subset,
+        "noise_floor": None if floor is None else floor["key"],
+        "questions": question_rows(measured),
         "signatures": signature_rows(measured),
         "decisive": decisive(decision.label, measured),
         "first_damaged_block": block,
         "damage_evidence": source,
-        "recommendation": recommend(results, setting, decision.label, retention, block),
+        "recommendation": recommend(results, setting, decision, retention, block),
+    }
+
+
+def evidence_subset(results: dict, setting: dict) -> dict:
+    """The subset the evidence is read on (``name``, ``None`` when too small) and its
+    ``prompts`` (``None`` then), with both subsets' sizes."""
+    counts = results["subsets"].get(setting["method"]) or {"robust": 0, "failure": 0}
+    key = subset_key(results, setting)
+    name = None if key is None else key.split(":")[1]
+    return {
+        "name": name,
+        "prompts": None if name is None else counts[name],
+        "robust": counts["robust"],
+        "failure": counts["failure"],
     }
 
 
@@ -48,8 +80,11 @@ def rules() -> dict:
     return {
         "signatures": [asdict(signature) for signature in SIGNATURES],
         "healthy_retention": HEALTHY_RETENTION,
-        "majority": round(MAJORITY, 6),
-        "min_signatures": MIN_SIGNATURES,
-        "full_evidence": FULL_EVIDENCE,
+        "low_retention": LOW_RETENTION,
+        "low_cap": LOW_CAP,
+        "min_subset": MIN_SUBSET,
+        "unanswered": round(UNANSWERED, 6),
+        "floor_bits": FLOOR_BITS,
+        "interval": {"method": "half-sampling", "draws": DRAWS, "coverage": COVERAGE},
         "confidence_levels": {level: bound for bound, level in CONFIDENCE_LEVELS},
     }

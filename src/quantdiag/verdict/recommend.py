@@ -5,13 +5,26 @@ numbers) and where more bits or retraining are needed."""
 from __future__ import annotations
 
 from quantdiag.analysis.repair_names import REPAIR_NAMES
-from quantdiag.verdict.rules import COLLAPSE, DEGRADATION, HEALTHY
-from quantdiag.verdict.thresholds import INJECTION_RECOVERY, REPAIR_GAIN
+from quantdiag.verdict.rules import COLLAPSE, DEGRADATION, HEALTHY, Decision
+from quantdiag.verdict.thresholds import INJECTION_RECOVERY, MIN_SUBSET, QUESTION_COMMANDS, REPAIR_GAIN
 
 RETRAIN = "retraining-based methods (QAT, or fine-tuning the quantized model)"
-MORE_EVIDENCE = (
-    "quantdiag patch RUN --analyses components,representations, quantdiag sensitivity RUN and quantdiag repair RUN"
-)
+#: What an Inconclusive verdict asks for, by its reason (``rules.decide``).
+INCONCLUSIVE_TEXT = {
+    "too few prompts": (
+        f"Too few prompts: the subset the evidence is read on needs {MIN_SUBSET}. Rerun with more facts "
+        "(--facts 30, or --facts all) or more of the relations the reference knows (--relations)."
+    ),
+    "repair works": (
+        "The early computation reads broken, yet a training-free repair works, which a collapse rules out: "
+        "look at the signature table, and rerun with more facts to narrow the intervals."
+    ),
+    "mechanism not measured": f"The mechanism was not measured: {QUESTION_COMMANDS['mechanism']}.",
+    "mechanism unclear": (
+        "Every mechanism signature's interval straddles its line: rerun with more facts (--facts 30, or --facts "
+        "all) to narrow them."
+    ),
+}
 
 
 def repair_outcomes(results: dict, setting: dict) -> list[dict]:
@@ -41,9 +54,10 @@ def injection_blocks(results: dict, setting: dict) -> int | None:
     return next((k for k, value in enumerate(accuracy) if value >= INJECTION_RECOVERY), len(accuracy) - 1)
 
 
-def recommend(results: dict, setting: dict, label: str, retention: float, block: int | None) -> dict:
+def recommend(results: dict, setting: dict, decision: Decision, retention: float, block: int | None) -> dict:
     """``action`` (use, repair, retrain or investigate), ``text`` for people, and the chosen or
     best ``repair`` row when repairs ran."""
+    label = decision.label
     outcomes = [row for row in repair_outcomes(results, setting) if row["repair"] != "baseline"]
     if label == HEALTHY:
         text = (
@@ -55,11 +69,7 @@ def recommend(results: dict, setting: dict, label: str, retention: float, block:
         return _degradation(outcomes)
     if label == COLLAPSE:
         return _collapse(results, setting, outcomes, block)
-    return {
-        "action": "investigate",
-        "text": f"The evidence is split or thin: add analyses ({MORE_EVIDENCE}).",
-        "repair": None,
-    }
+    return {"action": "investigate", "text": INCONCLUSIVE_TEXT[decision.reason], "repair": None}
 
 
 def _degradation(outcomes: list[dict]) -> dict:
