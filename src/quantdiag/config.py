@@ -21,7 +21,9 @@ from quantdiag.errors import QuantdiagError
 #: The built-in model (SmolLM2-135M, GGUF).
 DEFAULT_MODEL = "smollm2"
 #: quantdiag's own quantization methods.
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
+#: The methods a run quantizes with unless ``--methods`` says otherwise (AWQ is asked for by name).
+DEFAULT_METHODS = ("rtn", "gptq")
 #: The causal analyses, and the streams they write (residual, MLP output, attention output).
 CAUSAL_ANALYSES = ("patching", "ablation")
 KINDS = ("resid", "mlp", "attn")
@@ -84,7 +86,7 @@ class RunConfig:
 
     out: str = option("runs/latest", "run directory")
     model: str = option(DEFAULT_MODEL, "HF repo id or folder, a .gguf file, or 'smollm2' (built in)")
-    methods: tuple[str, ...] = option(METHODS, "quantization methods, comma-separated: rtn, gptq")
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, "quantization methods, comma-separated: rtn, gptq, awq")
     compare: tuple[str, ...] = option(
         (), "a checkpoint to judge: GPTQ or AWQ folder, .gguf file or float folder (repeat for more)"
     )
