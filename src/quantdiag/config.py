@@ -34,7 +34,7 @@ DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
 #: Rank of the EoRA compensation.
 DEFAULT_RANK = 32
 #: Optional analyses beyond recall and the logit lens.
-ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs")
+ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs", "distribution")
 PRESETS: dict[str, dict] = {
     "quick": {
         "facts_per_relation": 6,
@@ -102,6 +102,9 @@ class RunConfig:
     calib: str | None = option(None, "calibration text or JSONL file (default: model-generated)")
     calib_samples: int = option(16, "calibration sequences")
     calib_length: int = option(256, "tokens per calibration sequence")
+    text: str | None = option(
+        None, "held-out text or JSONL file for the KL divergence and perplexity (default: model-generated, held out)"
+    )
     subset_bits: int = 4
     analyses: tuple[str, ...] | None = option(
         None, f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"
