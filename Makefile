@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python benchmarks/components_memory.py
 	$(BIN)/python benchmarks/plans.py
 	$(BIN)/python benchmarks/fingerprint.py
+	$(BIN)/python benchmarks/distribution.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
