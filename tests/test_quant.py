@@ -63,7 +63,7 @@ def test_group_size_falls_back_to_largest_power_of_two_divisor(width, group, exp
 
 
 @pytest.mark.parametrize(
-    ("method", "bits", "group"), [("rtn", 1, 128), ("rtn", 9, 128), ("gptq", 4, 0), ("awq", 4, 128)]
+    ("method", "bits", "group"), [("rtn", 1, 128), ("rtn", 9, 128), ("gptq", 4, 0), ("hqq", 4, 128)]
 )
 def test_bad_specs_are_user_errors(method, bits, group):
     with pytest.raises(QuantdiagError):

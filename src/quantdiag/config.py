@@ -23,7 +23,9 @@ from quantdiag.errors import QuantdiagError
 #: The built-in model (SmolLM2-135M, GGUF).
 DEFAULT_MODEL = "smollm2"
 #: quantdiag's own quantization methods.
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
+#: The methods a run quantizes with unless ``--methods`` says otherwise (AWQ is asked for by name).
+DEFAULT_METHODS = ("rtn", "gptq")
 #: The causal analyses, and the streams they write (residual, MLP output, attention output).
 CAUSAL_ANALYSES = ("patching", "ablation")
 KINDS = ("resid", "mlp", "attn")
@@ -34,7 +36,7 @@ DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
 #: Rank of the EoRA compensation.
 DEFAULT_RANK = 32
 #: Optional analyses beyond recall and the logit lens.
-ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs")
+ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs", "distribution")
 PRESETS: dict[str, dict] = {
     "quick": {
         "facts_per_relation": 6,
@@ -86,7 +88,7 @@ class RunConfig:
 
     out: str = option("runs/latest", "run directory")
     model: str = option(DEFAULT_MODEL, "HF repo id or folder, a .gguf file, or built in: 'smollm2', 'gemma3-270m'")
-    methods: tuple[str, ...] = option(METHODS, "quantization methods, comma-separated: rtn, gptq")
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, "quantization methods, comma-separated: rtn, gptq, awq")
     compare: tuple[str, ...] = option(
         (), "a checkpoint to judge: GPTQ or AWQ folder, .gguf file or float folder (repeat for more)"
     )
@@ -102,6 +104,9 @@ class RunConfig:
     calib: str | None = option(None, "calibration text or JSONL file (default: model-generated)")
     calib_samples: int = option(16, "calibration sequences")
     calib_length: int = option(256, "tokens per calibration sequence")
+    text: str | None = option(
+        None, "held-out text or JSONL file for the KL divergence and perplexity (default: model-generated, held out)"
+    )
     subset_bits: int = 4
     analyses: tuple[str, ...] | None = option(
         None, f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"

@@ -15,6 +15,7 @@ import numpy as np
 
 from quantdiag.analysis.causal import CAUSAL_ANALYSES, CausalPlan, causal_arrays
 from quantdiag.analysis.components import component_arrays
+from quantdiag.analysis.distribution import distribution_arrays, held_out_text
 from quantdiag.analysis.forward import Scores, score_prompts
 from quantdiag.analysis.recall import subsets
 from quantdiag.analysis.repairs import protect_setting, protected_blocks, repair_arrays, repairable
@@ -65,8 +66,9 @@ def run(config: RunConfig) -> RunResult:
     representations = representation_effects(context, groups) if "representations" in config.analyses else {}
     sensitivity, injection = sensitivity_effects(context, groups)
     repairs = repair_effects(context, groups, sensitivity)
+    distribution = distribution_effects(context) if "distribution" in config.analyses else {}
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    analyses = Analyses(causal, components, representations, sensitivity, injection, repairs)
+    analyses = Analyses(causal, components, representations, sensitivity, injection, repairs, distribution)
     results = build_results(context, reference, evaluated, groups, analyses)
     run_dir.write_json("results.json", results)
     arrays = _arrays(reference, evaluated, facts, analyses)
@@ -283,6 +285,27 @@ def repair_effects(
         )
         tables[spec] = context.run_dir.cached("repairs", key, compute, spec.key)
     return tables
+
+
+def distribution_effects(context: RunContext) -> dict[Setting, dict[str, np.ndarray]]:
+    """KL divergence from the reference, top-token agreement and perplexity of the reference and
+    every setting on the held-out text (``--text``, else model-generated): one resumable stage."""
+    config, bank = context.config, context.bank
+    text = held_out_text(
+        context.loaded, config.text, bank.calibration, config.calib_samples, config.calib_length, config.seed
+    )
+    settings = [REFERENCE, *context.specs]
+
+    def compute() -> dict[str, np.ndarray]:
+        arrays = distribution_arrays(context.loaded, bank, settings, text.ids)
+        return {f"{setting.key}/{name}": value for setting, values in arrays.items() for name, value in values.items()}
+
+    flat = context.run_dir.cached("distribution", context.stage_key(settings, text.digest), compute)
+    prefixes = {setting: f"{setting.key}/" for setting in settings}
+    return {
+        setting: {name.removeprefix(prefix): value for name, value in flat.items() if name.startswith(prefix)}
+        for setting, prefix in prefixes.items()
+    }
 
 
 def _repair_reads(setting: Setting, protect: Setting, rank: int) -> list[Setting]:

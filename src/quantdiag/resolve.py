@@ -96,6 +96,7 @@ def absolute(config: RunConfig) -> RunConfig:
         model=model,
         facts_file=config.facts_file and _absolute(config.facts_file),
         calib=config.calib and _absolute(config.calib),
+        text=config.text and _absolute(config.text),
         compare=tuple(_absolute(path) for path in config.compare),
     )
 

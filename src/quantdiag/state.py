@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -76,6 +76,7 @@ class Analyses:
     sensitivity: dict[Setting, dict[str, np.ndarray]]  # per-prompt correctness under plans
     injection: dict[str, dict[str, np.ndarray]]  # method -> signal injection into its 2-bit setting
     repairs: dict[Setting, dict[str, np.ndarray]]  # the repair table
+    distribution: dict[Setting, dict[str, np.ndarray]] = field(default_factory=dict)  # KLD and perplexity sums
 
     def per_setting(self) -> dict[str, dict[Setting, dict[str, np.ndarray]]]:
         """Each per-setting analysis's arrays by its name (what ``arrays.npz`` holds)."""
@@ -84,6 +85,7 @@ class Analyses:
             "representations": {setting: staged.arrays for setting, staged in self.representations.items()},
             "sensitivity": self.sensitivity,
             "repairs": self.repairs,
+            "distribution": self.distribution,
         }
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantdiag.model.load import LoadedModel
+from quantdiag.quant.awq import awq_dequantized
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, checkpoint_weights
 from quantdiag.quant.eora import eora_weights
@@ -74,6 +75,8 @@ class WeightBank:
                 return {name: weight.to(self.modules[name].weight.dtype) for name, weight in weights.items()}
             if spec.method == "rtn":
                 return {name: self._rtn(module, spec) for name, module in self.modules.items()}
+            if spec.method == "awq":
+                return awq_dequantized(self.adapter, self.calibration.ids, spec)
             return gptq_dequantized(self.adapter, self.calibration.ids, spec)
 
         self._cache(spec, compute)

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from quantdiag.report import plots
 from quantdiag.report.causal import causal_sections
 from quantdiag.report.components import component_sections
+from quantdiag.report.distribution import distribution_sections
 from quantdiag.report.plots import Section
 from quantdiag.report.profile import profile_sections
 from quantdiag.report.readings import cliff_reading, lens_reading, rank_reading, summary_rows
@@ -76,6 +77,7 @@ def _sections(results: dict) -> Iterator[Section]:
     yield from representation_sections(results)
     yield from sensitivity_sections(results)
     yield from repair_sections(results)
+    yield from distribution_sections(results)
     yield ("relations", "Accuracy per relation", *plots.relation_heatmap(results))
     yield from profile_sections(results)
 

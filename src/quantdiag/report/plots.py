@@ -14,7 +14,7 @@ from quantdiag.analysis.recall import RANK_BUCKETS  # noqa: E402
 
 REFERENCE_COLOR = "#222222"
 BITS_COLORS = {8: "#2b8cbe", 6: "#41b6c4", 5: "#7fcdbb", 4: "#fdae61", 3: "#f46d43", 2: "#d73027", 7: "#3690c0"}
-METHOD_MARKERS = {"rtn": "s", "gptq": "o"}
+METHOD_MARKERS = {"rtn": "s", "gptq": "o", "awq": "^"}
 #: The relation heatmap draws at most this many relations (a row each).
 MAX_RELATIONS = 40
 #: A report section: id, title, figure (``None``: the reading says why there is none), and its

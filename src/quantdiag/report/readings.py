@@ -38,9 +38,17 @@ def summary_rows(results: dict) -> list[dict]:
                 "robustness": "n/a" if robustness is None else _pct(robustness),
                 "median_rank": f"{recall['median_rank']:g}",
                 "top": ", ".join(repr(token) for token, _ in recall["top_predictions"][:3]),
+                **_distribution_cells(setting.get("distribution")),
             }
         )
     return rows
+
+
+def _distribution_cells(distribution: dict | None) -> dict:
+    """Mean KLD from the reference and the perplexity ratio, where the distribution analysis ran."""
+    if distribution is None:
+        return {}
+    return {"kld": f"{distribution['kld_mean']:.4g}", "ppl_ratio": f"{distribution['perplexity_ratio']:.3f}"}
 
 
 def cliff_reading(results: dict) -> str:

@@ -1,0 +1,166 @@
+"""AWQ through GPTQModel's AWQ code (its scale search, clip search and quantizer), driven block by
+block on cached block inputs as quant/gptq.py drives GPTQ.
+
+Per block, on the inputs the already-quantized blocks before it give: every linear's inputs are
+recorded; each of the adapter's groups (q/k/v, o, gate/up, down) gets GPTQModel's per-channel scale
+search (``_search_best_scale``: ratios of mean |x| to mean |w|, scored on the output of the attention
+or MLP the group feeds, or of the linear itself); then each scaled linear W*s gets GPTQModel's clip
+search on its scaled inputs x/s (not q and k, as in GPTQModel) and its pseudo-quantizer. AWQ moves
+1/s into the module before the group (a norm or a linear); quantdiag keeps each linear's effective
+float weight instead, Q(clip(W*s))/s, so the norms every other setting shares stay untouched. A row
+scale on the preceding linear does not change its own quantized weight (groups are along inputs),
+so this is the function a real AWQ model computes. The o projection is scaled only where the v
+projection could absorb it (no grouped-query attention), as in GPTQModel.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantdiag.errors import QuantdiagError
+from quantdiag.model.arch import Adapter
+from quantdiag.model.stack import calibration_inputs, run_block_batches, trace_stack
+from quantdiag.quant.gptq import _gptqmodel
+from quantdiag.quant.spec import QuantSpec
+
+#: Rows GPTQModel's clip search takes at a time: a weight's rows are padded to a multiple of it.
+_CLIP_ROWS = 64
+#: Kinds GPTQModel's clip search leaves alone (their product goes through a softmax).
+_NOT_CLIPPED = ("q", "k")
+
+
+@dataclass(frozen=True)
+class AwqResult:
+    """Each linear's dequantized effective weight, and the AWQ input scale it was quantized with
+    (ones where its group got none)."""
+
+    weights: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def awq_dequantized(
+    adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """AWQ-quantize every block linear and return the dequantized weights (CPU, model dtype)."""
+    return awq_quantize(adapter, calibration_ids, spec, batch_size).weights
+
+
+@torch.no_grad()
+def awq_quantize(adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8) -> AwqResult:
+    """AWQ weights and scales of every block linear; the model's weights are the same after the call.
+    Routed experts are refused: GPTQModel's scale search runs an expert's container, which has no forward."""
+    if adapter.arch.routed:
+        raise QuantdiagError("AWQ does not quantize routed experts yet (a mixture of experts): use rtn or gptq")
+    hidden, block_kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
+    row_kwargs = trace_stack(adapter, calibration_ids[:1].to(hidden[0].device), all_states=False).kwargs
+    weights: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for layer, block in enumerate(tqdm(adapter.blocks, desc=f"AWQ {spec.bits}-bit", unit="block")):
+        roles = {path: role for role, path in adapter.arch.linears}
+        linears = {path: block.get_submodule(path) for path in roles}
+        originals = {path: module.weight.detach().clone() for path, module in linears.items()}
+        inputs = _linear_inputs(block, hidden, block_kwargs[layer], linears)
+        block_scales = _search_scales(adapter, block, linears, inputs, row_kwargs[layer], spec, batch_size)
+        for path, linear in linears.items():
+            scale = block_scales.get(path, torch.ones(linear.in_features))
+            linear.weight.copy_(_quantized(linear.weight, inputs[path], scale, roles[path], spec))
+            weights[adapter.linear_name(layer, path)] = linear.weight.detach().cpu().clone()
+            scales[adapter.linear_name(layer, path)] = scale.cpu()
+        hidden = run_block_batches(block, hidden, block_kwargs[layer])
+        for path, weight in originals.items():
+            linears[path].weight.copy_(weight)
+    return AwqResult(weights, scales)
+
+
+def _linear_inputs(
+    block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict[str, nn.Linear]
+) -> dict[str, torch.Tensor]:
+    """Every linear's inputs over all calibration batches, concatenated along the batch."""
+    seen: dict[str, list[torch.Tensor]] = {path: [] for path in linears}
+    handles = [
+        module.register_forward_hook(lambda _m, args, _out, path=path: seen[path].append(args[0]))
+        for path, module in linears.items()
+    ]
+    try:
+        run_block_batches(block, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {path: torch.cat(chunks) for path, chunks in seen.items()}
+
+
+def _search_scales(
+    adapter: Adapter,
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    inputs: dict[str, torch.Tensor],
+    kwargs: dict,
+    spec: QuantSpec,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """GPTQModel's scale search for each group that AWQ scales, on the float block: linear path -> scale."""
+    found: dict[str, torch.Tensor] = {}
+    previous: nn.Linear | None = None
+    parents_seen: set[str] = set()
+    for group in adapter.arch.sequential:
+        parent = group[0].rpartition(".")[0]
+        layers = [linears[path] for path in group]
+        first_in_parent = parent not in parents_seen
+        parents_seen.add(parent)
+        if first_in_parent or previous.out_features == layers[0].in_features:
+            inspect = block.get_submodule(parent) if first_in_parent else layers[0]
+            processor = _processor(adapter, spec, layers[0].in_features, batch_size)
+            *_, scale, _loss = processor._search_best_scale(block, layers[0], layers, inputs[group[0]], inspect, kwargs)
+            found.update(dict.fromkeys(group, scale.float()))
+        previous = layers[-1]
+    return found
+
+
+def _quantized(weight: torch.Tensor, inputs: torch.Tensor, scale: torch.Tensor, role: str, spec: QuantSpec):
+    """The effective weight Q(clip(W*s))/s, with GPTQModel's clip search and pseudo-quantizer."""
+    processor = _processor(None, spec, weight.shape[1], 0)
+    scale = scale.to(weight.device, weight.dtype)
+    scaled = weight * scale
+    if role not in _NOT_CLIPPED:
+        scaled = _clipped(processor, scaled, inputs / scale)
+    quantized, *_ = processor.pseudo_quantize_tensor(scaled)
+    return quantized / scale
+
+
+def _clipped(processor, weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """GPTQModel's clip search on ``weight`` (rows zero-padded to the row batch it needs; a zero
+    row's bound is zero and is dropped), each group clamped to its best bound."""
+    rows = weight.shape[0]
+    padded = torch.cat([weight, weight.new_zeros((-rows) % _CLIP_ROWS, weight.shape[1])])
+    bound = processor._compute_best_clip(padded, inputs)[:rows]
+    groups = weight.reshape(*bound.shape[:2], -1)
+    return torch.clamp(groups, -bound, bound).reshape_as(weight)
+
+
+def _processor(adapter: Adapter | None, spec: QuantSpec, in_features: int, batch_size: int):
+    """A GPTQModel ``AWQProcessor`` holding only what its scale and clip searches read: the
+    quantize config (this linear's group size), the memory budget, duo scaling, and the model for
+    its rotary module. Its constructor wants a whole GPTQModel model and calibration pipeline, so
+    the fields are set directly; the block's own rotary tables are passed and kept."""
+    _, config_class = _gptqmodel()  # sets GPTQModel's CPU-worker default before importing it
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    processor = AWQProcessor.__new__(AWQProcessor)
+    processor.qcfg = config_class(
+        bits=spec.bits, group_size=spec.group_for(in_features), sym=spec.sym, offload_to_disk=False
+    )
+    processor.max_chunk_memory = 1024**3
+    processor.duo_scaling = True
+    processor._scale_context = threading.local()
+    processor._module_forward_kwargs = {}
+    processor._quant_batch_size = batch_size
+    processor.gptq_model = SimpleNamespace(rotary_embedding=None, awq_preserve_explicit_position_embeddings=True)
+    processor.model = adapter.model if adapter is not None else None
+    return processor
