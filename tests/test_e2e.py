@@ -83,27 +83,16 @@ def test_report_and_lens_per_subset(quick_run):
         assert (report.parent / "figures" / f"{name}.svg").is_file()
 
 
-def _votes(verdict: dict, names: tuple[str, ...]) -> dict[str, str]:
-    return {row["name"]: row["vote"] for row in verdict["signatures"] if row["name"] in names}
-
-
 def test_quick_verdicts_4_bit_is_degradation_2_bit_is_collapse(quick_run):
     """The issue's acceptance: on the quick preset GPTQ 4-bit is Signal Degradation and RTN 2-bit
-    is Computation Collapse; the report opens with their cards. Measured (3ca2cda): GPTQ 4-bit
-    keeps 64% of the reference's accuracy (Healthy needs 90%), every signature far on its intact
-    side (CKA 0.96, sign flips 0.12, Jaccard 0.42, value cosine 0.81, error alignment 0.14); RTN
-    2-bit keeps 0%, CKA 0.39, activation subspace 0.12, sign flips 0.38, Jaccard 0.04, value
-    cosine 0.07 vote Collapse (5 of 7 decide), error alignment 0.12 intact. Its lens rank share,
-    0.0195 against the line 0.02, is too close to call, and with it the confidence (0.71 or 0.86):
-    neither is asserted. Its CKA diagonal falls from 0.96 at layer 1 to 0.33 at layer 2."""
+    is Computation Collapse, decided by the mechanism question (docs/verdict.md, the three
+    questions); the report opens with their cards. The per-signature votes of the earlier
+    vote-counting rules are no longer asserted: under the intervals and the noise floor a
+    signature close to its line does not vote."""
     _, report, results = quick_run
     four, two = (_setting(results, label)["verdict"] for label in ("GPTQ 4-bit", "RTN 2-bit"))
     assert four["verdict"] == "degradation", four
-    assert [row["vote"] for row in four["signatures"]] == ["intact"] * 7, four
     assert two["verdict"] == "collapse", two
-    clear = ("cka_diagonal", "activation_subspace", "sign_flip", "jaccard", "value_cosine", "error_alignment")
-    assert _votes(two, clear) == dict.fromkeys(clear[:-1], "collapse") | {"error_alignment": "intact"}, two
-    assert (two["first_damaged_block"], two["damage_evidence"]) == (2, "cka")
     html = report.read_text()
     assert html.index("Computation Collapse") < html.index("Performance cliff")
 
