@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from transformers import LlamaConfig
 
 from quantdiag.config import PRESETS, RunConfig
 from quantdiag.cost_model import ModelShape, RunSizes, stage_flops
@@ -32,9 +33,16 @@ RELATIONS = 39
 
 
 def llama_shape(layers: int, hidden: int, intermediate: int, heads: int, kv: int, vocab: int) -> ModelShape:
-    head_dim = hidden // heads
-    attention = hidden * head_dim * (2 * heads + 2 * kv)
-    return ModelShape(layers, hidden, intermediate, attention + 3 * hidden * intermediate, vocab)
+    """The shape of a Llama config with these sizes (built, not downloaded)."""
+    config = LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+    )
+    return ModelShape.from_config(config)
 
 
 def run_sizes(results: dict) -> RunSizes:
