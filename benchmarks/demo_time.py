@@ -36,9 +36,10 @@ def command(preset: str, out: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("preset", nargs="?", choices=sorted(GOALS), default="demo")
+    parser.add_argument("--out", type=Path, help="keep the run folder here (default: removed with the cache)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="quantdiag-demo-time-") as tmp:
-        out = Path(tmp) / "run"
+        out = (args.out or Path(tmp) / "run").resolve()
         env = os.environ | {"QUANTDIAG_CACHE": str(Path(tmp) / "cache"), "GPTQMODEL_CPU_WORKERS": "2"}
         start = time.perf_counter()
         subprocess.run(command(args.preset, out), env=env, check=True, stdout=subprocess.DEVNULL)

@@ -242,12 +242,16 @@ def test_options_fill_their_fields(monkeypatch):
                 "window": 3,
             },
         ),
-        (["sensitivity", "--sensitivity-bits", "2"], {"analyses": ("sensitivity",), "sensitivity_bits": (2,)}),
+        (
+            ["sensitivity", "--sensitivity-bits", "2"],
+            {"analyses": ("sensitivity",), "sensitivity_bits": (2,), "sweeps": "full"},  # maps every block
+        ),
         (
             ["repair", "--budget", "3.5", "--alphas", "1,2", "--rank", "4"],
             {
                 "analyses": ("repairs",),
                 "repair_bits": None,
+                "repairs": ("eora", "early", "kurtosis", "early+amplify", "early+eora"),  # every repair
                 "protect_blocks": None,
                 "kurtosis_budget": 3.5,
                 "alphas": (1.0, 2.0),
@@ -296,8 +300,8 @@ OFFERED = {
         "profile",
     ],
     "patch": ["analyses", "patch_prompts", "causal_bits", "streams", "window"],
-    "sensitivity": ["sensitivity_bits"],
-    "repair": ["repair_bits", "protect_blocks", "budget", "alphas", "rank"],
+    "sensitivity": ["sensitivity_bits", "sweeps"],
+    "repair": ["repair_bits", "repairs", "protect_blocks", "budget", "alphas", "rank"],
 }
 
 
@@ -336,7 +340,7 @@ def test_a_run_reads_its_facts_once(monkeypatch, tmp_path):
     monkeypatch.setattr("quantdiag.resolve.load_pararel", lambda *given: reads.append(given) or load_pararel(*given))
     monkeypatch.setattr("quantdiag.pipeline.load_reference", lambda *given: None)
 
-    def build_prompts(loaded, facts, config):
+    def build_prompts(loaded, facts, config, probe):
         built.append(facts)
         raise QuantdiagError("stopped")
 

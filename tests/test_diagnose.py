@@ -73,13 +73,17 @@ def _config(reference, tmp_path, *compare: str) -> RunConfig:
 
 def test_small_noise_everywhere_is_healthy(reference, tmp_path):
     """Noise of 2% of each block weight's spread keeps 97% of the answers (measured: 0.967, the
-    line is 0.9) and no signature near its line (CKA 0.9999, sign flips 1.3%, value cosine 0.999):
-    the mechanism is intact, Healthy, exit code 0."""
+    line is 0.9) and no signal or mechanism signature near its line (CKA 0.9997, sign flips 1.0%,
+    value cosine 0.999): the mechanism is intact, Healthy, exit code 0."""
     checkpoint = _noisy(reference, "small", 0.02, lambda name: "layers" in name)
     diagnosis = diagnose(_config(reference, tmp_path, checkpoint))
     verdict = diagnosis.models[0]["verdict"]
     assert verdict["verdict"] == "healthy", verdict
-    assert [row["vote"] for row in verdict["signatures"]] == ["intact"] * 9
+    votes = {row["name"]: row["vote"] for row in verdict["signatures"]}
+    # The quick preset's one repair, early protection, recovers none of the few answers that noise in every
+    # block flipped (measured 0%): it cannot, and it does not change Healthy.
+    assert votes.pop("repairs") == "collapse"
+    assert list(votes.values()) == ["intact"] * 9
     assert diagnosis.exit_code == 0
     assert 'class="card healthy"' in diagnosis.report.read_text()
 

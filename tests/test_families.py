@@ -100,5 +100,5 @@ def test_sensitivity_sweeps_resume_like_full_forwards(family):
 def test_a_mixture_of_experts_run_notes_the_skipped_metrics(family):
     """results.json's notes say why a mixture of experts has no sign flips or Jaccard; a dense model's do not."""
     loaded, bank, _ = family
-    notes = _notes(RunContext(None, loaded, bank, SimpleNamespace(dropped=0), RunConfig()), [])
+    notes = _notes(RunContext(None, loaded, bank, SimpleNamespace(dropped=0, probe=None), RunConfig()), [])
     assert (MOE_NOTE in notes) == (loaded.model.config.model_type == "qwen3_moe")

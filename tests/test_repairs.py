@@ -18,8 +18,10 @@ from quantdiag.analysis.repairs import (
     kurtosis_plan,
     protected_blocks,
     repair_arrays,
+    repair_reads,
     repair_summary,
 )
+from quantdiag.config import TRIED_REPAIRS
 from quantdiag.data.facts import Prompt, load_pararel, tokenize
 from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
@@ -173,7 +175,7 @@ def test_repair_table_rows_equal_their_plans_scored_by_hand(llama, setup):
     all_accuracy = (amplified == targets).mean(-1)
     assert alpha == 0.5 and ALPHAS[int(np.argmax(test_accuracy))] == ALPHAS[int(np.argmax(all_accuracy))] == 2.0
 
-    options = RepairOptions(blocks=None, budget=BUDGET, alphas=ALPHAS, rank=RANK, seed=SEED)
+    options = RepairOptions(tried=TRIED_REPAIRS, blocks=None, budget=BUDGET, alphas=ALPHAS, rank=RANK, seed=SEED)
     arrays = repair_arrays(llama, bank, LOW, EIGHT, failure, robust, 1, options, 4)
     assert set(bank.current.values()) == {REFERENCE}
     summary = repair_summary(arrays)
@@ -192,3 +194,17 @@ def test_repair_table_rows_equal_their_plans_scored_by_hand(llama, setup):
     assert len({tuple(row.values())[1:] for row in summary["rows"]}) == 6  # no two rows alike: a mix-up shows
     assert (summary["alpha"], summary["test_prompts"], summary["blocks"]) == (alpha, 6, 1)
     np.testing.assert_allclose(summary["dev_accuracy"], dev_accuracy, atol=1e-6)
+    early = dataclasses.replace(options, tried=("early",))  # the quick preset's one repair
+    cheap = repair_summary(repair_arrays(llama, bank, LOW, EIGHT, failure, robust, 1, early, 4))
+    assert [row["repair"] for row in cheap["rows"]] == ["baseline", "early"] and cheap["alpha"] is None
+    assert {row["repair"]: row for row in cheap["rows"]}["early"] == {"repair": "early", **table["early"]}
+
+
+def test_a_table_reads_only_what_its_repairs_use():
+    """The stage key and the bank's work follow the tried repairs: early protection reads the
+    protecting setting and no EoRA; EoRA alone reads no protecting setting."""
+    options = RepairOptions(tried=("early",), blocks=None, budget=BUDGET, alphas=ALPHAS, rank=RANK, seed=SEED)
+    assert repair_reads(LOW, EIGHT, options) == [LOW, EIGHT]
+    assert repair_reads(LOW, EIGHT, dataclasses.replace(options, tried=("eora",))) == [LOW, compensated(LOW, RANK)]
+    every = dataclasses.replace(options, tried=TRIED_REPAIRS)
+    assert repair_reads(LOW, EIGHT, every) == [LOW, EIGHT, compensated(LOW, RANK), compensated(EIGHT, RANK)]

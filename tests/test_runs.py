@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from quantdiag import storage
+from quantdiag.analysis.repairs import repair_reads
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Prompt
 from quantdiag.model.load import LoadedModel, weights_fingerprint
-from quantdiag.pipeline import _repair_reads
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.spec import REFERENCE, QuantSpec
@@ -209,12 +209,12 @@ def test_the_prompt_digest_covers_the_subject_span():
 
 def test_the_repairs_of_an_rtn_setting_depend_on_the_calibration(llama):
     """EoRA, one of the repairs, is calibrated even when the repaired setting is not."""
-    spec, rank = QuantSpec("rtn", 2, 32), 4
+    spec, options = QuantSpec("rtn", 2, 32), RunConfig(eora_rank=4).checked().repair_options()
     keys = set()
     for fill in (0, 1):
         calibration = Calibration(torch.full((2, 8), fill, dtype=torch.long), f"{fill}s")
         context = RunContext(None, llama, WeightBank(llama, calibration), PromptSet([], [], [], 0), None)
-        keys.add(context.stage_key(_repair_reads(spec, replace(spec, bits=8), rank)))
+        keys.add(context.stage_key(repair_reads(spec, replace(spec, bits=8), options)))
     assert len(keys) == 2
 
 

@@ -14,6 +14,7 @@ from quantdiag.analysis.forward import score_prompts
 from quantdiag.analysis.sensitivity import (
     block_sweeps,
     correct_under,
+    damage_onset,
     half_damage_block,
     injection_arrays,
     sensitivity_arrays,
@@ -88,8 +89,9 @@ def _apply(bank: WeightBank, plan: PrecisionPlan, by_layer: list[str]) -> None:
 def test_block_sweeps_equal_plain_forwards_of_each_plan(family):
     loaded = tiny_model(family)
     bank, prompts = _setup(loaded)
-    domino, single = block_sweeps(loaded, bank, LOW, prompts, 4)
     layers = loaded.adapter.n_layers
+    swept = block_sweeps(loaded, bank, LOW, prompts, 4, layers)
+    domino, single = swept["domino"], swept["single"]
     plain = {"domino": [], "single": []}
     for k in range(layers):
         _apply(bank, blocks_plan(LOW, 0, k + 1), [LOW] * (k + 1) + [REFERENCE] * (layers - k - 1))  # 0..k
@@ -98,7 +100,19 @@ def test_block_sweeps_equal_plain_forwards_of_each_plan(family):
         plain["single"].append(_plain_forwards(loaded.model, prompts)[0])
     np.testing.assert_array_equal(domino, plain["domino"])
     np.testing.assert_array_equal(single, plain["single"])
+    np.testing.assert_array_equal(swept["whole"], plain["domino"][-1])  # every block at 2-bit
     assert not domino[-1].all()  # the 2-bit model loses answers: the comparison means something
+
+
+def test_an_early_sweep_is_the_full_one_cut_at_its_steps(llama):
+    """The quick preset's sweep: the domino test for k < steps only, the same numbers as the full
+    sweep's first rows, no single-block test, and the whole 2-bit model's correctness."""
+    bank, prompts = _setup(llama)
+    full = block_sweeps(llama, bank, LOW, prompts, 4, llama.adapter.n_layers)
+    early = block_sweeps(llama, bank, LOW, prompts, 4, 2, single=False)
+    assert set(early) == {"domino", "whole"} and early["domino"].shape == (2, len(prompts))
+    np.testing.assert_array_equal(early["domino"], full["domino"][:2])
+    np.testing.assert_array_equal(early["whole"], full["whole"])
 
 
 def test_injection_at_every_k_equals_its_plan(llama):
@@ -130,16 +144,37 @@ def test_sensitivity_arrays_cover_every_test(llama):
     assert arrays["domino"].shape == arrays["single"].shape == (4, len(prompts))
     np.testing.assert_array_equal(arrays["component/all"], arrays["domino"][-1])  # every linear, every block
     assert set(bank.current.values()) == {REFERENCE}
+    early = sensitivity_arrays(llama, bank, LOW, prompts, 4, "early")  # 4 layers: 1 early block (L // 8)
+    assert set(early) == {"domino", "whole"} and early["domino"].shape == (1, len(prompts))
 
 
 def test_half_damage_block_and_summary():
-    assert half_damage_block(np.array([1.0, 0.9, 0.5, 0.2, 0.0])) == 2  # loss 1: first k at <= 1 - 1 / 2
+    assert half_damage_block(np.array([1.0, 0.9, 0.5, 0.2, 0.0]), 0.0) == 2  # loss 1: first k at <= 1 - 1 / 2
     # loss 1 - 0.25 = 0.75 from the reference's 1 (not from block 0's 0.75): first k at <= 1 - 0.375
-    assert half_damage_block(np.array([0.75, 0.625, 0.5, 0.25])) == 1
-    assert half_damage_block(np.array([1.0, 1.0])) is None
+    assert half_damage_block(np.array([0.75, 0.625, 0.5, 0.25]), 0.25) == 1
+    assert half_damage_block(np.array([1.0, 1.0]), 1.0) is None
+    assert half_damage_block(np.array([1.0, 0.9]), 0.0) is None  # half lost beyond the two swept blocks
     correct = np.array([[1, 1, 0, 1], [0, 1, 0, 0]], dtype=bool)  # 2 layers x 4 prompts
-    arrays = {"domino": correct, "single": correct, "component/v": correct[1], "failure": np.array([0, 0, 1, 1])}
+    arrays = {
+        "domino": correct,
+        "single": correct,
+        "whole": correct[1],
+        "component/v": correct[1],
+        "failure": np.array([0, 0, 1, 1]),
+    }
     summary = sensitivity_summary(arrays)
     assert summary["domino"] == {"robust": [1.0, 0.5], "failure": [0.5, 0.0]}
     assert summary["components"] == {"v": {"robust": 0.5, "failure": 0.0}}
-    assert summary["half_damage_block"] == 1
+    assert summary["half_damage_block"] == 1 and summary["swept_blocks"] == 2
+    early = sensitivity_summary({"domino": correct[:1], "whole": correct[1], "failure": arrays["failure"]})
+    assert (early["single"], early["components"], early["half_damage_block"]) == (None, None, None)
+    assert early["whole"] == {"robust": 0.5, "failure": 0.0}
+
+
+def test_the_damage_onset_is_no_earlier_than_an_unfinished_sweep():
+    """Half of the loss not reached within the swept blocks: the onset is where the sweep
+    stopped, so early protection covers every swept block."""
+    whole = np.array([0, 0, 0, 0], dtype=bool)
+    assert damage_onset({"domino": np.ones((3, 4), dtype=bool), "whole": whole}) == 3
+    assert damage_onset({"domino": np.array([[1, 1, 1, 1], [0, 0, 1, 1]], dtype=bool), "whole": whole}) == 1
+    assert damage_onset({"domino": np.ones((3, 4), dtype=bool), "whole": ~whole}) is None

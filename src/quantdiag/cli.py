@@ -20,7 +20,7 @@ from typer._click.exceptions import (
 )
 from typer.core import TyperGroup
 
-from quantdiag.config import CAUSAL_ANALYSES, RUN_FOLDERS, RunConfig
+from quantdiag.config import CAUSAL_ANALYSES, RUN_FOLDERS, TRIED_REPAIRS, RunConfig
 from quantdiag.errors import QuantdiagError
 from quantdiag.options import DECLARED, Options
 from quantdiag.storage import remove
@@ -137,8 +137,12 @@ PATCH = Options(
     keep=True,
     defaults={"analyses": ",".join(CAUSAL_ANALYSES)},
 )
-SENSITIVITY = Options(("sensitivity_bits",), keep=True)
-REPAIR = Options(("repair_bits", "protect_blocks", "kurtosis_budget", "alphas", "eora_rank"), keep=True)
+SENSITIVITY = Options(("sensitivity_bits", "sweeps"), keep=True, defaults={"sweeps": "full"})
+REPAIR = Options(
+    ("repair_bits", "repairs", "protect_blocks", "kurtosis_budget", "alphas", "eora_rank"),
+    keep=True,
+    defaults={"repairs": ",".join(TRIED_REPAIRS)},
+)
 JSON_HELP = "print the verdicts as JSON on stdout (progress stays on stderr)"
 RunDir = Annotated[str, typer.Argument(help="an existing run directory (made by quantdiag run)")]
 

@@ -5,10 +5,10 @@ here, help text and default together (``option``); ``quantdiag.resolve`` reads w
 name (checkpoints, facts, the output folder) once per run.
 
 ``quick`` is for tests and a first look (minutes on a laptop CPU for SmolLM2): recall, the logit
-lens, the component and representation metrics and the sensitivity maps (the domino test), so
-that each of the verdict's three questions is answered, by the same definitions as in ``full``
-(docs/verdict.md); ``full`` is the default diagnosis, adding cross-model patching, zero ablation
-and the repairs. The
+lens, the component and representation metrics, the domino test over the early blocks and early
+protection (the cheapest repair), so that each of the verdict's three questions is answered, by the
+same definitions as in ``full`` (docs/verdict.md); ``full`` is the default diagnosis, adding
+cross-model patching, zero ablation, the sensitivity maps over every block and every repair. The
 calibration set defaults to 16 x 256 tokens, enough for small models on a CPU; for a paper-scale
 run on a GPU add ``--facts all --calib-samples 128 --calib-length 2048``.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from quantdiag.analysis.repair_names import REPAIRS
 from quantdiag.errors import QuantdiagError
 
 #: The built-in model (SmolLM2-135M, GGUF).
@@ -35,15 +36,27 @@ KURTOSIS_BUDGET = 4.1
 DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
 #: Rank of the EoRA compensation.
 DEFAULT_RANK = 32
+#: Without --relations a run keeps the relations on which the reference answers at least
+#: MIN_KNOWN_ACCURACY of PROBE_FACTS seeded facts (``analysis.known``; the Makefile's demo relations
+#: were chosen by the same line).
+PROBE_FACTS = 20
+MIN_KNOWN_ACCURACY = 0.1
+#: How far the sensitivity maps sweep: the domino test over the early blocks only (what the verdict
+#: reads, docs/verdict.md), or the domino and single-block tests over every block and the component groups.
+SWEEPS = ("early", "full")
+#: The repairs a run can try (the table's first row, no repair, always comes with them).
+TRIED_REPAIRS = REPAIRS[1:]
 #: Optional analyses beyond recall and the logit lens.
 ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "repairs", "distribution")
 PRESETS: dict[str, dict] = {
     "quick": {
-        "facts_per_relation": 6,
+        "facts_per_relation": 20,
         "robustness_facts": 40,
         "max_paraphrases": 2,
-        "analyses": ("components", "representations", "sensitivity"),
+        "analyses": ("components", "representations", "sensitivity", "repairs"),
         "patch_prompts": 4,
+        "sweeps": "early",
+        "repairs": ("early",),
     },
     "full": {
         "facts_per_relation": 15,
@@ -51,6 +64,8 @@ PRESETS: dict[str, dict] = {
         "max_paraphrases": 3,
         "analyses": ANALYSES,
         "patch_prompts": 8,
+        "sweeps": "full",
+        "repairs": TRIED_REPAIRS,
     },
 }
 #: What a run folder holds: ``out`` may be one (a rerun resumes) and, unless forced, nothing else.
@@ -73,8 +88,9 @@ def option(default: Any, help: str, name: str | None = None) -> Any:
 class RepairOptions:
     """``blocks``: m for early protection (``None``: from the domino test, else L / 16);
     ``budget``: average bits of kurtosis protection; ``alphas``: amplification grid; ``rank``:
-    EoRA rank; ``seed``: the dev/test split."""
+    EoRA rank; ``seed``: the dev/test split; ``tried``: the repairs, in the table's order."""
 
+    tried: tuple[str, ...]
     blocks: int | None
     budget: float
     alphas: tuple[float, ...]
@@ -98,7 +114,11 @@ class RunConfig:
     preset: str = option("full", f"sizes: {', '.join(PRESETS)}")
     facts_per_relation: int | None = option(None, "facts per relation, or 'all' (default: from the preset)", "facts")
     facts_file: str | None = option(None, "JSONL of your own facts: subject, object, template")
-    relations: tuple[str, ...] | None = option(None, "ParaRel relation ids, comma-separated (default: all 39)")
+    relations: tuple[str, ...] | None = option(
+        None,
+        "ParaRel relation ids, comma-separated (default: those the reference knows: at least "
+        f"{MIN_KNOWN_ACCURACY:.0%} of {PROBE_FACTS} probe facts)",
+    )
     robustness_facts: int | None = None
     max_paraphrases: int | None = None
     calib: str | None = option(None, "calibration text or JSONL file (default: model-generated)")
@@ -118,7 +138,15 @@ class RunConfig:
     sensitivity_bits: tuple[int, ...] | None = option(
         None, "bit widths that get the sensitivity maps (default: all of --bits)"
     )
+    sweeps: str | None = option(
+        None,
+        "sensitivity sweeps: early (the domino test over the early blocks, what the verdict reads) or full "
+        "(domino and single-block tests over every block, component groups) (default: from the preset)",
+    )
     repair_bits: tuple[int, ...] | None = option(None, "bit widths that get the repair table (default: all of --bits)")
+    repairs: tuple[str, ...] | None = option(
+        None, f"repairs to try, comma-separated: {', '.join(TRIED_REPAIRS)} (default: from the preset)"
+    )
     protect_blocks: int | None = option(
         None, "blocks kept at 8-bit by early protection (default: from the domino test, else layers / 16)"
     )
@@ -162,6 +190,13 @@ class RunConfig:
         unknown = [a for a in config.analyses if a not in ANALYSES]
         if unknown:
             raise QuantdiagError(f"unknown analysis {', '.join(unknown)} (choose from {', '.join(ANALYSES)}, or none)")
+        if config.sweeps not in SWEEPS:
+            raise QuantdiagError(f"unknown sweeps '{config.sweeps}' (choose from {', '.join(SWEEPS)})")
+        unknown = [r for r in config.repairs if r not in TRIED_REPAIRS]
+        if unknown or not config.repairs:
+            raise QuantdiagError(
+                f"unknown repair {', '.join(unknown) or '(none)'} (choose from {', '.join(TRIED_REPAIRS)})"
+            )
         unknown = [k for k in config.streams if k not in KINDS]
         if unknown or not config.streams:
             raise QuantdiagError(f"unknown stream {', '.join(unknown) or '(none)'} (choose from {', '.join(KINDS)})")
@@ -183,8 +218,9 @@ class RunConfig:
             raise QuantdiagError("no bit widths given")
 
     def repair_options(self) -> RepairOptions:
+        tried = tuple(r for r in TRIED_REPAIRS if r in self.repairs)
         return RepairOptions(
-            self.protect_blocks, self.kurtosis_budget, tuple(sorted(self.alphas)), self.eora_rank, self.seed
+            tried, self.protect_blocks, self.kurtosis_budget, tuple(sorted(self.alphas)), self.eora_rank, self.seed
         )
 
     def to_json(self) -> dict:

@@ -17,11 +17,12 @@ from quantdiag.analysis.causal import CAUSAL_ANALYSES, CausalPlan, causal_arrays
 from quantdiag.analysis.components import component_arrays
 from quantdiag.analysis.distribution import distribution_arrays, held_out_text
 from quantdiag.analysis.forward import Scores, score_prompts
+from quantdiag.analysis.known import known_relations, probe_accuracy
 from quantdiag.analysis.recall import subsets
-from quantdiag.analysis.repairs import protect_setting, protected_blocks, repair_arrays, repairable
+from quantdiag.analysis.repairs import protect_setting, protected_blocks, repair_arrays, repair_reads, repairable
 from quantdiag.analysis.representations import representation_arrays
-from quantdiag.analysis.sensitivity import half_damage_block, injection_arrays, injection_settings, sensitivity_arrays
-from quantdiag.config import RunConfig
+from quantdiag.analysis.sensitivity import damage_onset, injection_arrays, injection_settings, sensitivity_arrays
+from quantdiag.config import PROBE_FACTS, RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import LoadedModel, load_reference, resolve_device
@@ -29,13 +30,13 @@ from quantdiag.profiling import Profiler
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.checkpoint import ComparedSpec
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting, compensated
+from quantdiag.quant.spec import REFERENCE, Compensated, PrecisionPlan, QuantSpec, Setting, compensated
 from quantdiag.report.html import write_report
-from quantdiag.resolve import causal_specs, repair_specs, resolve, sensitivity_specs
+from quantdiag.resolve import causal_specs, load_facts, repair_specs, resolve, sensitivity_specs
 from quantdiag.results import build_results
 from quantdiag.runs import RunDir, save_arrays
 from quantdiag.state import Analyses, Evaluated, Groups, PromptSet, RunContext, RunResult, SubsetArrays
-from quantdiag.storage import cache_root, sweep_leftovers
+from quantdiag.storage import cache_key, cache_root, sweep_leftovers
 
 
 def run(config: RunConfig) -> RunResult:
@@ -46,17 +47,21 @@ def run(config: RunConfig) -> RunResult:
     profiler = Profiler(config.profile, resolve_device(config.device))
     with profiler.stage("load"):
         loaded = load_reference(config.model, config.device, config.dtype, config.trust_remote_code)
-        prompts = build_prompts(loaded, resolved.facts, config)
+    run_dir = RunDir(Path(config.out), profiler)
+    run_dir.write_json("config.json", config.to_json())  # a run folder from now on: a rerun resumes it
+    facts, probe = resolved.facts, None
+    if facts is None:
+        probe = relation_probe(run_dir, loaded, config)
+        facts = load_facts(replace(config, relations=known_relations(probe)))
+    prompts = build_prompts(loaded, facts, config, probe)
     facts = prompts.facts
     calibration = None
-    if any(spec.reads_calibration for spec in specs) or repair_specs(config, specs):
+    if any(setting.reads_calibration for setting in [*specs, *_repair_reads(config, specs)]):
         with profiler.stage("calibration"):
             calibration = load_calibration(loaded, config.calib, config.calib_samples, config.calib_length, config.seed)
     bank = WeightBank(loaded, calibration)
     for spec in specs:
         ensure(bank, spec, profiler)
-    run_dir = RunDir(Path(config.out), profiler)
-    run_dir.write_json("config.json", config.to_json())
     context = RunContext(run_dir, loaded, bank, prompts, config, specs)
     reference = evaluate(context, REFERENCE, np.ones(len(facts), dtype=bool))
     evaluated = [evaluate(context, spec, reference.scores.correct) for spec in specs]
@@ -75,6 +80,12 @@ def run(config: RunConfig) -> RunResult:
     save_arrays(run_dir.path / "arrays.npz", arrays)
     write_report(run_dir, results)
     return RunResult(run_dir.report, results)
+
+
+def _repair_reads(config: RunConfig, specs: list[ComparedSpec]) -> list[Setting]:
+    """Every setting the repair tables may read (before the subsets decide which settings get one)."""
+    options = config.repair_options()
+    return [s for spec in repair_specs(config, specs) for s in repair_reads(spec, protect_setting(spec), options)]
 
 
 def ensure(bank: WeightBank, spec: ComparedSpec, profiler: Profiler) -> None:
@@ -97,10 +108,25 @@ def rerun(run_dir: Path, analyses: tuple[str, ...] = (), **changes) -> RunResult
     return run(replace(config, out=str(run_dir), analyses=merged, **changes))
 
 
-def build_prompts(loaded: LoadedModel, facts: list[Fact], config: RunConfig) -> PromptSet:
+def relation_probe(run_dir: RunDir, loaded: LoadedModel, config: RunConfig) -> dict[str, float]:
+    """The reference's accuracy per ParaRel relation on the probe facts (``known.probe_accuracy``):
+    what a run that names no relations chooses them by; a resumable stage."""
+    key = cache_key(loaded.fingerprint, loaded.device.type, PROBE_FACTS, config.seed)
+
+    def compute() -> dict[str, np.ndarray]:
+        accuracy = probe_accuracy(loaded, config.seed, config.batch_size)
+        return {"relations": np.array(list(accuracy)), "accuracy": np.array(list(accuracy.values()))}
+
+    arrays = run_dir.cached("relations", key, compute)
+    return dict(zip(arrays["relations"].tolist(), arrays["accuracy"].tolist()))
+
+
+def build_prompts(
+    loaded: LoadedModel, facts: list[Fact], config: RunConfig, probe: dict[str, float] | None = None
+) -> PromptSet:
     """Tokenize the primary prompt of every fact, dropping those without a target, and the
     robustness paraphrases (those with a target) of a seeded sample of ``config.robustness_facts``
-    of the rest."""
+    of the rest; ``probe``: the relation probe the facts were chosen by, if any."""
     tokenizer = loaded.tokenizer
     tokenized = [(fact, tokenize(tokenizer, fact, 0)) for fact in facts]
     kept = [(fact, prompt) for fact, prompt in tokenized if prompt is not None]
@@ -116,7 +142,7 @@ def build_prompts(loaded: LoadedModel, facts: list[Fact], config: RunConfig) -> 
         for text in robustness_texts(scored[index], config.max_paraphrases)
     )
     robustness = [prompt for prompt in paraphrased if prompt is not None]
-    return PromptSet(primary, robustness, scored, len(facts) - len(scored))
+    return PromptSet(primary, robustness, scored, len(facts) - len(scored), probe)
 
 
 def evaluate(context: RunContext, setting: Setting, lens_rows: np.ndarray) -> Evaluated:
@@ -226,7 +252,8 @@ def sensitivity_effects(
     """Setting -> sensitivity arrays (``sensitivity.sensitivity_arrays``) on its method's Robust
     and Failure prompts, with ``rows`` and the ``failure`` mask; method -> signal injection into
     its low setting from the reference and its higher ones (``sensitivity.injection_settings``),
-    on its Failure prompts (when the run has sensitivity maps). Each is a resumable stage."""
+    on its Failure prompts (when the run has the sensitivity maps over every block, ``--sweeps full``).
+    Each is a resumable stage."""
     loaded, bank, config, primary = context.loaded, context.bank, context.config, context.prompts.primary
     effects, injection = {}, {}
     for spec in sensitivity_specs(config, context.specs):
@@ -234,11 +261,14 @@ def sensitivity_effects(
         rows = np.sort(np.concatenate([named["robust"], named["failure"]])) if named else np.array([], dtype=int)
         if not len(rows):
             continue
-        compute = partial(sensitivity_arrays, loaded, bank, spec, [primary[i] for i in rows], config.batch_size)
-        arrays = context.run_dir.cached("sensitivity", context.stage_key(spec, rows.tolist()), compute, spec.key)
+        prompts = [primary[i] for i in rows]
+        compute = partial(sensitivity_arrays, loaded, bank, spec, prompts, config.batch_size, config.sweeps)
+        key = context.stage_key(spec, rows.tolist(), config.sweeps)
+        arrays = context.run_dir.cached("sensitivity", key, compute, spec.key)
         effects[spec] = arrays | {"rows": rows, "failure": np.isin(rows, named["failure"])}
     for method, named in groups.items():
-        chosen = injection_settings(method, context.specs) if "sensitivity" in config.analyses else None
+        mapped = "sensitivity" in config.analyses and config.sweeps == "full"
+        chosen = injection_settings(method, context.specs) if mapped else None
         if chosen is None or not len(named["failure"]):
             continue
         low, highs = chosen
@@ -260,25 +290,24 @@ def repair_effects(
     loaded, bank, config = context.loaded, context.bank, context.config
     options = config.repair_options()
     specs = [spec for spec in repair_specs(config, context.specs) if repairable(spec, groups)]
-    protects = {spec: protect_setting(spec) for spec in specs}
+    reads = {spec: repair_reads(spec, protect_setting(spec), options) for spec in specs}
+    needed = list(dict.fromkeys(setting for settings in reads.values() for setting in settings))
     profiler = context.run_dir.profiler
-    for protect in dict.fromkeys(protects.values()):
-        if protect != REFERENCE:
-            ensure(bank, protect, profiler)
-    corrected = [s for spec in specs for s in (spec, protects[spec]) if s != REFERENCE]
+    for setting in needed:
+        if isinstance(setting, QuantSpec) and setting not in context.specs:  # the run's own are in the bank
+            ensure(bank, setting, profiler)
+    corrected = [setting.base for setting in needed if isinstance(setting, Compensated)]
     if corrected:
         with profiler.stage("eora", f"rank {options.rank}") as marks:
             marks["cached"] = all(bank.has(compensated(s, options.rank)) for s in corrected)
             bank.ensure_eora(corrected, options.rank)
     tables = {}
     for spec in specs:
-        named, protect = groups[spec.method], protects[spec]
-        domino = sensitivity.get(spec, {}).get("domino")
-        blocks = protected_blocks(
-            loaded.adapter.n_layers, None if domino is None else half_damage_block(domino.mean(-1)), options.blocks
-        )
+        named, protect = groups[spec.method], protect_setting(spec)
+        onset = damage_onset(sensitivity[spec]) if spec in sensitivity else None
+        blocks = protected_blocks(loaded.adapter.n_layers, onset, options.blocks)
         rows = {name: named[name].tolist() for name in ("failure", "robust")}
-        key = context.stage_key(_repair_reads(spec, protect, options.rank), rows, asdict(options), blocks)
+        key = context.stage_key(reads[spec], rows, asdict(options), blocks)
         failure, robust = ([context.prompts.primary[i] for i in rows[name]] for name in ("failure", "robust"))
         compute = partial(
             repair_arrays, loaded, bank, spec, protect, failure, robust, blocks, options, config.batch_size
@@ -306,12 +335,6 @@ def distribution_effects(context: RunContext) -> dict[Setting, dict[str, np.ndar
         setting: {name.removeprefix(prefix): value for name, value in flat.items() if name.startswith(prefix)}
         for setting, prefix in prefixes.items()
     }
-
-
-def _repair_reads(setting: Setting, protect: Setting, rank: int) -> list[Setting]:
-    """The weight settings a repair table reads: the setting, the protecting one and their EoRA
-    compensations (which depend on the calibration even when the setting does not)."""
-    return [setting, protect] + [compensated(s, rank) for s in (setting, protect) if s != REFERENCE]
 
 
 def _arrays(

@@ -24,11 +24,12 @@ _RUN_CONFIG_KEYS = {"out", "model", "methods", "bits", "preset"}
 
 @dataclass(frozen=True)
 class Resolved:
-    """A checked configuration (paths absolute), its compared settings and its facts."""
+    """A checked configuration (paths absolute), its compared settings and its facts (``None``
+    when the run chooses its relations by the reference's accuracy, ``chooses_relations``)."""
 
     config: RunConfig
     specs: list[ComparedSpec]
-    facts: list[Fact]
+    facts: list[Fact] | None
 
 
 def resolve(config: RunConfig) -> Resolved:
@@ -36,7 +37,7 @@ def resolve(config: RunConfig) -> Resolved:
     output folder can be written; raises QuantdiagError."""
     config = config.checked()
     specs = compared_specs(config)
-    facts = load_facts(config)
+    facts = None if chooses_relations(config) else load_facts(config)
     check_writable(Path(config.out), config.force)
     return Resolved(absolute(config), specs, facts)
 
@@ -54,6 +55,12 @@ def compared_specs(config: RunConfig) -> list[ComparedSpec]:
             f"two compared models would share the name {clash[0]}: rename a checkpoint's file or folder"
         )
     return quantized + checkpoints
+
+
+def chooses_relations(config: RunConfig) -> bool:
+    """Whether the run names neither relations nor a facts file: it keeps the relations the
+    reference knows (``analysis.known``), once the model is loaded."""
+    return config.relations is None and not config.facts_file
 
 
 def load_facts(config: RunConfig) -> list[Fact]:

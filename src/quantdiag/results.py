@@ -8,15 +8,15 @@ from quantdiag.analysis.causal import CAUSAL_ANALYSES
 from quantdiag.analysis.components import PAIR_METRICS, component_curves
 from quantdiag.analysis.distribution import BINS_PER_DECADE, COARSE, HELD_OUT_SEED, KLD_EDGES, distribution_summary
 from quantdiag.analysis.effects import as_json, per_token_restoration, subset_summary
+from quantdiag.analysis.known import known_relations
 from quantdiag.analysis.lens import lens_curves
 from quantdiag.analysis.positions import GROUPS
 from quantdiag.analysis.recall import recall_summary
-from quantdiag.analysis.repair_names import REPAIRS
 from quantdiag.analysis.repairs import repair_summary
 from quantdiag.analysis.representations import POSITIONS, STREAMS, SUBSPACE_STREAM, representation_summary
 from quantdiag.analysis.sensitivity import injection_summary, sensitivity_summary
 from quantdiag.analysis.similarity import ENERGY
-from quantdiag.config import RunConfig
+from quantdiag.config import MIN_KNOWN_ACCURACY, PROBE_FACTS, RunConfig
 from quantdiag.model.load import DEFAULT_MODEL
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 from quantdiag.state import Analyses, Evaluated, Groups, PromptSet, RunContext, SubsetArrays
@@ -73,7 +73,7 @@ def build_results(
             "rank": config.eora_rank,
             "budget": config.kurtosis_budget,
             "alphas": list(config.repair_options().alphas),
-            "repairs": list(REPAIRS),
+            "repairs": ["baseline", *config.repair_options().tried],
         }
         if analyses.repairs
         else None,
@@ -110,6 +110,7 @@ def _facts(prompts: PromptSet) -> dict:
         "count": len(prompts.facts),
         "mean_tokens": float(np.mean([len(prompt.ids) for prompt in prompts.primary])),
         "relations": sorted({fact.relation for fact in prompts.facts}),
+        "probe": prompts.probe,
         "robustness_prompts": len(fact_of_robustness),
         "robustness_facts": int(len(np.unique(fact_of_robustness))),
     }
@@ -238,6 +239,8 @@ def _notes(context: RunContext, evaluated: list[Evaluated]) -> list[str]:
     notes = [SWAP_NOTE] + ([CHECKPOINT_NOTE] if config.compare else [])
     if dropped:
         notes.append(DROPPED_NOTE.format(count=dropped))
+    if context.prompts.probe is not None:
+        notes.append(_probe_note(context.prompts.probe))
     if config.model == DEFAULT_MODEL:
         notes.insert(0, REFERENCE_NOTE_SMOLLM2)
     if bank is not None and bank.adapter.arch.routed:
@@ -250,3 +253,18 @@ def _notes(context: RunContext, evaluated: list[Evaluated]) -> list[str]:
             for width, used in fallbacks.items()
         ]
     return notes
+
+
+def _probe_note(probe: dict[str, float]) -> str:
+    """Which relations the run kept, and the reference's accuracy that chose them."""
+    kept = known_relations(probe)
+    if len(kept) == len(probe) and all(accuracy < MIN_KNOWN_ACCURACY for accuracy in probe.values()):
+        return (
+            f"The reference answers under {MIN_KNOWN_ACCURACY:.0%} of the {PROBE_FACTS} probe facts of every relation: "
+            "all relations kept; name the ones it should know with --relations."
+        )
+    shown = ", ".join(f"{relation} {probe[relation]:.0%}" for relation in kept)
+    return (
+        f"Relations chosen by the reference's accuracy on {PROBE_FACTS} probe facts each "
+        f"(at least {MIN_KNOWN_ACCURACY:.0%}; --relations names others): {shown}."
+    )

@@ -28,12 +28,14 @@ Groups = dict[str, dict[str, np.ndarray]]
 @dataclass
 class PromptSet:
     """Primary prompts (one per scored fact) and robustness prompts (paraphrases of a sample of
-    them); ``facts``: the scored facts, ``dropped``: how many had no target to score."""
+    them); ``facts``: the scored facts, ``dropped``: how many had no target to score; ``probe``:
+    the reference's accuracy per relation the relations were chosen by (``None``: named by the user)."""
 
     primary: list[Prompt]
     robustness: list[Prompt]
     facts: list[Fact]
     dropped: int
+    probe: dict[str, float] | None = None
 
     @property
     def fact_of_robustness(self) -> np.ndarray:

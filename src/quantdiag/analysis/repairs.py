@@ -19,7 +19,6 @@ import torch
 
 from quantdiag.analysis.amplify import amplified_correct, best_alpha, dev_test_split
 from quantdiag.analysis.effects import as_json
-from quantdiag.analysis.repair_names import REPAIRS
 from quantdiag.analysis.sensitivity import correct_under
 from quantdiag.config import RepairOptions
 from quantdiag.data.facts import Prompt
@@ -27,7 +26,7 @@ from quantdiag.model.load import LoadedModel
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.plans import blocks_plan
-from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, Setting
+from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Rule, Setting, compensated
 from quantdiag.verdict.thresholds import EARLY_DIVISOR
 
 #: Fewer Failure prompts than this and a setting gets no repairs (no dev split to tune on and test
@@ -52,14 +51,30 @@ def protect_setting(spec: ComparedSpec) -> Setting:
     return replace(spec, bits=PROTECT_BITS) if isinstance(spec, QuantSpec) else REFERENCE
 
 
-def protected_blocks(layers: int, half_damage_block: int | None, given: int | None) -> int:
-    """m: as given; else the blocks up to the domino test's half-damage block, at most the early
-    blocks (L // EARLY_DIVISOR); without a domino test L / PAPER_PROTECT_DIVISOR rounded; at least 1."""
+def protected_blocks(layers: int, onset: int | None, given: int | None) -> int:
+    """m: as given; else the blocks up to the domino test's damage onset
+    (``sensitivity.damage_onset``), at most the early blocks (L // EARLY_DIVISOR); without a
+    domino test L / PAPER_PROTECT_DIVISOR rounded; at least 1."""
     if given is not None:
         return given
-    if half_damage_block is not None:
-        return max(1, min(half_damage_block + 1, layers // EARLY_DIVISOR))
+    if onset is not None:
+        return max(1, min(onset + 1, layers // EARLY_DIVISOR))
     return max(1, round(layers / PAPER_PROTECT_DIVISOR))
+
+
+def repair_reads(setting: Setting, protect: Setting, options: RepairOptions) -> list[Setting]:
+    """The weight settings the table reads: ``setting`` (the baseline), ``protect`` where a tried
+    repair protects, and the EoRA compensations the tried repairs add (they depend on the
+    calibration even when the setting does not)."""
+    tried = set(options.tried)
+    reads = [setting]
+    if tried - {"eora"}:
+        reads.append(protect)
+    if tried & {"eora", "early+eora"}:
+        reads.append(compensated(setting, options.rank))
+    if "early+eora" in tried:
+        reads.append(compensated(protect, options.rank))
+    return list(dict.fromkeys(reads))
 
 
 def excess_kurtosis(weight: torch.Tensor) -> float:
@@ -83,6 +98,22 @@ def kurtosis_plan(bank: WeightBank, setting: Setting, protect: Setting, budget: 
     return plan
 
 
+def repair_plans(
+    bank: WeightBank, setting: Setting, protect: Setting, blocks: int, options: RepairOptions
+) -> dict[str, PrecisionPlan]:
+    """The no-repair baseline and each tried repair's plan (``early+amplify`` is early protection's,
+    read out amplified)."""
+    early = blocks_plan(protect, 0, blocks, default=setting)
+    makers = {
+        "eora": lambda: PrecisionPlan.uniform(setting).compensated(options.rank),
+        "early": lambda: early,
+        "kurtosis": lambda: kurtosis_plan(bank, setting, protect, options.budget),
+        "early+amplify": lambda: early,
+        "early+eora": lambda: early.compensated(options.rank),
+    }
+    return {"baseline": PrecisionPlan.uniform(setting)} | {name: makers[name]() for name in options.tried}
+
+
 def repair_arrays(
     loaded: LoadedModel,
     bank: WeightBank,
@@ -94,20 +125,12 @@ def repair_arrays(
     options: RepairOptions,
     batch_size: int,
 ) -> dict[str, np.ndarray]:
-    """Per repair, correctness on the Failure test split (``<repair>/failure``) and on the Robust
-    subset (``<repair>/robust``), and ``bits`` (average bits per repair, in ``REPAIRS`` order);
-    with ``alpha`` (chosen), ``dev_accuracy`` (per alpha), ``test`` (the test split's indices
-    into ``failure``) and ``blocks`` (m)."""
+    """Per repair (the baseline and ``options.tried``, in ``repairs``), correctness on the Failure
+    test split (``<repair>/failure``) and on the Robust subset (``<repair>/robust``), and ``bits``
+    (average bits per repair); ``test`` (the test split's indices into ``failure``), ``blocks`` (m)
+    and, with amplification, ``alpha`` (chosen) and ``dev_accuracy`` (per alpha)."""
     dev, test = dev_test_split(len(failure), options.seed)
-    early = blocks_plan(protect, 0, blocks, default=setting)
-    plans = {
-        "baseline": PrecisionPlan.uniform(setting),
-        "eora": PrecisionPlan.uniform(setting).compensated(options.rank),
-        "early": early,
-        "kurtosis": kurtosis_plan(bank, setting, protect, options.budget),
-        "early+amplify": early,
-        "early+eora": early.compensated(options.rank),
-    }
+    plans = repair_plans(bank, setting, protect, blocks, options)
     tested = [failure[i] for i in test]
     out: dict[str, np.ndarray] = {}
     for name, plan in plans.items():
@@ -115,17 +138,18 @@ def repair_arrays(
             continue
         out[f"{name}/failure"] = correct_under(loaded, bank, plan, tested, batch_size)
         out[f"{name}/robust"] = correct_under(loaded, bank, plan, robust, batch_size)
-    bank.apply(early)
-    amplified = amplified_correct(loaded, failure, options.alphas, batch_size)
-    chosen = best_alpha(amplified[:, dev])
-    alpha = options.alphas[chosen]
-    out["early+amplify/failure"] = amplified[chosen, test]
-    out["early+amplify/robust"] = amplified_correct(loaded, robust, [alpha], batch_size)[0]
+    if "early+amplify" in plans:
+        bank.apply(plans["early+amplify"])
+        amplified = amplified_correct(loaded, failure, options.alphas, batch_size)
+        chosen = best_alpha(amplified[:, dev])
+        alpha = options.alphas[chosen]
+        out["early+amplify/failure"] = amplified[chosen, test]
+        out["early+amplify/robust"] = amplified_correct(loaded, robust, [alpha], batch_size)[0]
+        out |= {"alpha": np.array(alpha), "dev_accuracy": amplified[:, dev].mean(-1)}
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     return out | {
-        "bits": np.array([bank.average_bits(plans[name]) for name in REPAIRS]),
-        "alpha": np.array(alpha),
-        "dev_accuracy": amplified[:, dev].mean(-1),
+        "repairs": np.array(list(plans)),
+        "bits": np.array([bank.average_bits(plan) for plan in plans.values()]),
         "test": test,
         "blocks": np.array(blocks),
     }
@@ -133,23 +157,25 @@ def repair_arrays(
 
 def repair_summary(arrays: dict[str, np.ndarray]) -> dict:
     """The repair table for results.json: per repair its average bits and accuracy on the Failure
-    test split and the Robust subset (``None`` where empty); m, the chosen alpha, dev accuracy."""
+    test split and the Robust subset (``None`` where empty); m and, with amplification, the
+    chosen alpha and the dev accuracy per alpha (else ``None``)."""
 
     def accuracy(correct: np.ndarray) -> float | None:
         return round(float(correct.mean()), 6) if len(correct) else None
 
+    amplified = "alpha" in arrays
     return {
         "blocks": int(arrays["blocks"]),
-        "alpha": float(arrays["alpha"]),
-        "dev_accuracy": as_json(arrays["dev_accuracy"]),
+        "alpha": float(arrays["alpha"]) if amplified else None,
+        "dev_accuracy": as_json(arrays["dev_accuracy"]) if amplified else None,
         "test_prompts": len(arrays["test"]),
         "rows": [
             {
-                "repair": name,
+                "repair": str(name),
                 "average_bits": round(float(bits), 4),
                 "failure": accuracy(arrays[f"{name}/failure"]),
                 "robust": accuracy(arrays[f"{name}/robust"]),
             }
-            for name, bits in zip(REPAIRS, arrays["bits"])
+            for name, bits in zip(arrays["repairs"], arrays["bits"])
         ],
     }

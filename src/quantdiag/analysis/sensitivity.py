@@ -1,7 +1,8 @@
 """Sensitivity maps (docs/methods.md, Sensitivity): where does the damage start? Each experiment is a PrecisionPlan
 over the WeightBank (weights quantized once, swapped in): the domino test (blocks 0..k
 quantized), single blocks, one component group in every block, and signal injection (the first
-k blocks at a higher precision over a 2-bit model).
+k blocks at a higher precision over a 2-bit model). ``early`` sweeps run the domino test over the
+early blocks only (docs/verdict.md, the intervention question).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from tqdm.auto import tqdm
 from quantdiag.analysis.effects import as_json
 from quantdiag.analysis.forward import length_batches, score_prompts
 from quantdiag.data.facts import Prompt
+from quantdiag.model.arch import Adapter
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.stack import run_block, trace_stack
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.checkpoint import ComparedSpec
 from quantdiag.quant.plans import COMPONENT_GROUPS, blocks_plan, component_plan
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, Setting
+from quantdiag.verdict.thresholds import early_blocks
 
 #: Signal injection goes into each method's setting of this width...
 INJECTION_LOW_BITS = 2
@@ -38,55 +41,78 @@ def correct_under(
 
 
 def sensitivity_arrays(
-    loaded: LoadedModel, bank: WeightBank, setting: Setting, prompts: Sequence[Prompt], batch_size: int
+    loaded: LoadedModel,
+    bank: WeightBank,
+    setting: Setting,
+    prompts: Sequence[Prompt],
+    batch_size: int,
+    sweeps: str = "full",
 ) -> dict[str, np.ndarray]:
-    """Per-prompt correctness with ``setting`` in blocks 0..k (``domino``, layers x prompts), in
-    block k alone (``single``, layers x prompts) and in one component group of every block
-    (``component/<group>``, prompts)."""
-    domino, single = block_sweeps(loaded, bank, setting, prompts, batch_size)
-    groups = tqdm(COMPONENT_GROUPS, desc=f"components {setting.label}", unit="plan", leave=False)
-    components = {
-        f"component/{g}": correct_under(
-            loaded, bank, component_plan(loaded.adapter.arch, setting, g), prompts, batch_size
-        )
-        for g in groups
-    }
+    """Per-prompt correctness with ``setting`` everywhere (``whole``), in blocks 0..k (``domino``,
+    swept blocks x prompts) and, for ``full`` sweeps, in block k alone (``single``, layers x
+    prompts) and in one component group of every block (``component/<group>``, prompts).
+    ``early`` sweeps the domino test over the early blocks only: what the verdict reads."""
+    full = sweeps == "full"
+    layers = loaded.adapter.n_layers
+    arrays = block_sweeps(loaded, bank, setting, prompts, batch_size, layers if full else early_blocks(layers), full)
+    if full:
+        groups = tqdm(COMPONENT_GROUPS, desc=f"components {setting.label}", unit="plan", leave=False)
+        for group in groups:
+            plan = component_plan(loaded.adapter.arch, setting, group)
+            arrays[f"component/{group}"] = correct_under(loaded, bank, plan, prompts, batch_size)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    return {"domino": domino, "single": single, **components}
+    return arrays
 
 
 @torch.inference_mode()
 def block_sweeps(
-    loaded: LoadedModel, bank: WeightBank, setting: Setting, prompts: Sequence[Prompt], batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Correctness (layers x prompts) of the domino and single-block tests, without recomputing
-    shared prefixes: the reference and ``setting`` are traced once per batch; domino k resumes
-    from ``setting``'s input of block k+1, single k from the reference's input of block k, and
-    both go on through the reference blocks above k (about half the work of full forwards)."""
+    loaded: LoadedModel,
+    bank: WeightBank,
+    setting: Setting,
+    prompts: Sequence[Prompt],
+    batch_size: int,
+    steps: int,
+    single: bool = True,
+) -> dict[str, np.ndarray]:
+    """Correctness of the domino test for k < ``steps`` (``domino``, steps x prompts), of the
+    single-block test for every k (``single``, layers x prompts, when asked) and of ``setting``
+    everywhere (``whole``), without recomputing shared prefixes: ``setting`` (and, for the
+    single-block test, the reference) is traced once per batch; domino k resumes from
+    ``setting``'s input of block k+1, single k from the reference's input of block k, and both go
+    on through the reference blocks above k (about half the work of full forwards)."""
     adapter, layers = loaded.adapter, loaded.adapter.n_layers
-    correct = {test: np.zeros((layers, len(prompts)), dtype=bool) for test in ("domino", "single")}
+    shapes = {"domino": (steps, len(prompts)), "whole": (len(prompts),)}
+    if single:
+        shapes["single"] = (layers, len(prompts))
+    correct = {test: np.zeros(shape, dtype=bool) for test, shape in shapes.items()}
     for batch in tqdm(
         length_batches(prompts, batch_size), desc=f"domino and single blocks {setting.label}", unit="batch", leave=False
     ):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
         targets = torch.tensor([prompts[i].target for i in batch])
-        bank.apply(PrecisionPlan.uniform(REFERENCE))
-        reference = trace_stack(adapter, ids)
+        if single:
+            bank.apply(PrecisionPlan.uniform(REFERENCE))
+            reference = trace_stack(adapter, ids)
         bank.apply(PrecisionPlan.uniform(setting))
-        quantized = trace_stack(adapter, ids)
-        for k in range(layers):
+        quantized = trace_stack(adapter, ids)  # its masks and positions are the reference's: no weights in them
+        correct["whole"][batch] = _answered(adapter, quantized.states[layers], targets)
+        for k in range(max(steps, layers if single else 0)):
             bank.apply(blocks_plan(setting, k, k + 1))
-            starts = {
-                "domino": quantized.states[k + 1],
-                "single": run_block(adapter.blocks[k], reference.states[k], reference.kwargs[k]),
-            }
+            starts = {"domino": quantized.states[k + 1]} if k < steps else {}
+            if single:
+                starts["single"] = run_block(adapter.blocks[k], reference.states[k], reference.kwargs[k])
             for test, hidden in starts.items():
                 for layer in range(k + 1, layers):
                     hidden = run_block(
-                        adapter.blocks[layer], hidden.to(reference.states[layer].device), reference.kwargs[layer]
+                        adapter.blocks[layer], hidden.to(quantized.states[layer].device), quantized.kwargs[layer]
                     )
-                correct[test][k, batch] = (adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets).numpy()
-    return correct["domino"], correct["single"]
+                correct[test][k, batch] = _answered(adapter, hidden, targets)
+    return correct
+
+
+def _answered(adapter: Adapter, hidden: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """Whether the greedy next token after each row's last position is its target."""
+    return (adapter.logits(hidden[:, -1]).argmax(-1).cpu() == targets).numpy()
 
 
 def injection_settings(method: str, specs: Iterable[ComparedSpec]) -> tuple[Setting, list[Setting]] | None:
@@ -137,19 +163,28 @@ def injection_arrays(
     return {"cosine": cosine / len(prompts), "accuracy": correct / len(prompts)}
 
 
-def half_damage_block(domino_accuracy: np.ndarray) -> int | None:
-    """The first block k such that quantizing blocks 0..k already loses half of the accuracy
-    the whole model loses (the reference scores 1 on these prompts); ``None`` if nothing is lost."""
-    loss = 1.0 - domino_accuracy[-1]
-    if loss <= 0:
-        return None
-    return int(np.argmax(domino_accuracy <= 1.0 - loss / 2))
+def half_damage_block(domino_accuracy: np.ndarray, whole_accuracy: float) -> int | None:
+    """The first block k such that quantizing blocks 0..k already loses half of the accuracy the
+    whole quantized model loses (the reference scores 1 on these prompts); ``None`` if nothing is
+    lost, or if that block lies beyond the swept ones."""
+    loss = 1.0 - whole_accuracy
+    reached = np.flatnonzero(domino_accuracy <= 1.0 - loss / 2)
+    return int(reached[0]) if loss > 0 and len(reached) else None
+
+
+def damage_onset(arrays: dict[str, np.ndarray]) -> int | None:
+    """Where the damage has started by: the half-damage block; the number of swept blocks when
+    it lies beyond them (the onset is no earlier); ``None`` if nothing is lost."""
+    whole = arrays["whole"].mean()
+    half = half_damage_block(arrays["domino"].mean(-1), whole)
+    return len(arrays["domino"]) if half is None and whole < 1 else half
 
 
 def sensitivity_summary(arrays: dict[str, np.ndarray]) -> dict:
     """Accuracy on the Robust and Failure prompts (an empty subset is left out): curves over k
-    for the domino and single-block tests, one number per component group; and the domino test's
-    half-damage block on both subsets together."""
+    for the domino test (over the swept blocks) and, when swept, the single-block test, one
+    number per component group; the setting's own accuracy (``whole``), the swept blocks and the
+    domino test's half-damage block on both subsets together."""
     failure = arrays["failure"].astype(bool)
 
     def accuracy(correct: np.ndarray) -> dict:
@@ -163,9 +198,11 @@ def sensitivity_summary(arrays: dict[str, np.ndarray]) -> dict:
     groups = [key.removeprefix("component/") for key in arrays if key.startswith("component/")]
     return {
         "domino": accuracy(arrays["domino"]),
-        "single": accuracy(arrays["single"]),
-        "components": {group: accuracy(arrays[f"component/{group}"]) for group in groups},
-        "half_damage_block": half_damage_block(arrays["domino"].mean(-1)),
+        "single": accuracy(arrays["single"]) if "single" in arrays else None,
+        "components": {group: accuracy(arrays[f"component/{group}"]) for group in groups} or None,
+        "whole": accuracy(arrays["whole"]),
+        "swept_blocks": len(arrays["domino"]),
+        "half_damage_block": half_damage_block(arrays["domino"].mean(-1), arrays["whole"].mean()),
     }
 
 

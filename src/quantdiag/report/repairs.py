@@ -81,7 +81,8 @@ def _reading(setting: dict) -> str:
     best = max(rows, key=lambda row: (row["failure"], -row["average_bits"]))
     robust = "" if best["robust"] is None else f", Robust {best['robust']:.0%}"
     start = f"{setting['label']}: baseline {baseline['failure']:.0%} on the Failure test split"
-    chosen = f"(m = {table['blocks']} blocks, alpha = {table['alpha']:g})"
+    alpha = "" if table["alpha"] is None else f", alpha = {table['alpha']:g}"
+    chosen = f"(m = {table['blocks']} blocks{alpha})"
     if best["failure"] <= baseline["failure"]:
         return f"{start}; no repair does better {chosen}."
     repair = f"{LABELS[best['repair']]} {best['failure']:.0%}{robust}"

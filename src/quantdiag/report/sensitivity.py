@@ -22,11 +22,13 @@ def sensitivity_sections(results: dict) -> Iterator[Section]:
         settings = [s for s in results["settings"] if s["method"] == method and s.get("sensitivity")]
         if settings:
             yield (f"sensitivity-{method}", f"Where the damage starts, {method.upper()}", *sensitivity_curves(settings))
-            yield (
-                f"components-table-{method}",
-                f"Quantizing one component, {method.upper()}",
-                *component_table(settings),
-            )
+            mapped = [s for s in settings if s["sensitivity"]["components"]]
+            if mapped:
+                yield (
+                    f"components-table-{method}",
+                    f"Quantizing one component, {method.upper()}",
+                    *component_table(mapped),
+                )
         injection = (results.get("injection") or {}).get(method)
         if injection:
             labels = {s["key"]: s["label"] for s in results["settings"]}
@@ -38,14 +40,17 @@ def sensitivity_sections(results: dict) -> Iterator[Section]:
 
 
 def sensitivity_curves(settings: list[dict]) -> tuple[Figure, list[str]]:
-    """Rows: the domino and single-block tests; columns: Robust and Failure accuracy; a curve
-    per bit width."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6.6), layout="constrained", sharex=True, sharey=True)
-    for row, (test, what) in enumerate(TESTS.items()):
+    """Rows: the domino and (when swept) single-block tests; columns: Robust and Failure accuracy;
+    a curve per bit width, over the blocks swept."""
+    tests = {test: what for test, what in TESTS.items() if any(s["sensitivity"][test] for s in settings)}
+    fig, axes = plt.subplots(
+        len(tests), 2, figsize=(11, 3.3 * len(tests)), layout="constrained", sharex=True, sharey=True, squeeze=False
+    )
+    for row, (test, what) in enumerate(tests.items()):
         for col, subset in enumerate(SUBSETS):
             ax = axes[row, col]
             for setting in settings:
-                curve = setting["sensitivity"][test].get(subset)
+                curve = (setting["sensitivity"][test] or {}).get(subset)
                 if curve is not None:
                     ax.plot(
                         100 * np.array(curve, dtype=float),
@@ -57,7 +62,7 @@ def sensitivity_curves(settings: list[dict]) -> tuple[Figure, list[str]]:
             ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)
         axes[row, 0].set_ylabel("accuracy (%)")
-    for ax in axes[1]:
+    for ax in axes[-1]:
         ax.set_xlabel("block k")
     max(axes.flat, key=lambda ax: len(ax.get_lines())).legend(fontsize=8)
     fig.suptitle("Accuracy with some blocks quantized, the rest at reference precision (reference: 100%)")
@@ -68,8 +73,13 @@ def _domino_reading(setting: dict) -> str:
     """The half-damage block, and the Robust accuracy with the first blocks quantized (the
     paper's Table 2)."""
     summary = setting["sensitivity"]
-    block = summary["half_damage_block"]
+    block, swept = summary["half_damage_block"], summary["swept_blocks"]
     onset = "no accuracy lost" if block is None else f"half of the accuracy lost by block {block}"
+    if block is None and any(accuracy < 1 for accuracy in summary["whole"].values()):
+        onset = (
+            f"less than half of the accuracy lost by block {swept - 1} "
+            "(the early blocks; `quantdiag sensitivity` sweeps them all)"
+        )
     robust = summary["domino"].get("robust")
     if robust is None:
         return f"{setting['label']}: {onset}."
