@@ -73,6 +73,7 @@ bench: install
 	$(BIN)/python benchmarks/plans.py
 	$(BIN)/python benchmarks/fingerprint.py
 	$(BIN)/python benchmarks/eora_svd.py
+	$(BIN)/python benchmarks/intervals.py
 	$(BIN)/python benchmarks/distribution.py
 
 clean:

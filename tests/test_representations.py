@@ -21,7 +21,7 @@ from quantdiag.analysis.representations import (
     layer_mean_intervals,
     representation_arrays,
 )
-from quantdiag.analysis.resample import MIN_PROMPTS, mean_interval, share_interval
+from quantdiag.analysis.resample import MIN_PROMPTS, halves, mean_interval, share_interval, spread
 from quantdiag.analysis.similarity import cka_matrix, covering_k, debiased_cka, subspace_stats
 from quantdiag.analysis.spill import LayerRows
 from quantdiag.data.facts import load_pararel, tokenize
@@ -237,3 +237,42 @@ def test_subspace_intervals_hold_the_whole_subsets_value(tmp_path):
     assert k > 8
     for metric, (low, high) in intervals.items():
         assert low <= centres[metric] <= high, metric
+
+
+def _top(values: torch.Tensor, size: int) -> torch.Tensor:
+    """The top right singular vectors (d x size) of the column-centred rows."""
+    return torch.linalg.svd(values - values.mean(0), full_matrices=False)[2][:size].T
+
+
+def _halves_by_svd(x: np.ndarray, y: np.ndarray, k: np.ndarray, width: int) -> dict[str, list[float]]:
+    """Each half's layer means by SVDs of its own centred rows (the definition), one half at a
+    time: the CKA diagonal and the activation and error similarities above chance, with at most
+    m - 1 directions (the rank of m centred rows)."""
+    picks = halves(len(x))
+    out = {"cka": [], "activation": [], "error": []}
+    for rows in picks:
+        sums = dict.fromkeys(out, 0.0)
+        for layer in range(x.shape[1]):
+            xs, ys = (torch.from_numpy(v[rows, layer]) for v in (x, y))
+            size = min(int(k[layer]), len(rows) - 1)
+            sums["cka"] += debiased_cka(xs.numpy(), ys.numpy())
+            for metric, values in (("activation", ys), ("error", ys - xs)):
+                similarity = float(torch.linalg.matrix_norm(_top(xs, size).T @ _top(values, size)) ** 2 / size)
+                chance = k[layer] / width
+                sums[metric] += (similarity - chance) / (1 - chance)
+        for metric in out:
+            out[metric].append(sums[metric] / x.shape[1])
+    return out
+
+
+@pytest.mark.parametrize("k", [[5, 8], [14, 3]], ids=["k-below-the-half", "k-above-the-half"])
+def test_half_sample_intervals_equal_one_svd_a_half(tmp_path, k):
+    """The batched Gram-matrix route gives each half the statistics its own SVDs give (24 prompts:
+    halves of 12 rows span 11 directions, so k = 14 uses 11)."""
+    x = _random(24, 30, 2, 7)
+    y = x + 0.5 * _random(24, 30, 2, 8)
+    centres = {"cka": 0.5, "activation": 0.4, "error": 0.1}
+    found = layer_mean_intervals(_spilled(tmp_path / "x", x), _spilled(tmp_path / "y", y), np.array(k), centres)
+    expected = _halves_by_svd(x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64), k, 30)
+    for metric, values in expected.items():
+        assert found[metric] == pytest.approx(spread(values, centres[metric]), abs=2e-6), metric

@@ -24,12 +24,11 @@ from quantdiag.analysis.patching import KIND_SITES
 from quantdiag.analysis.resample import MIN_PROMPTS, halves, spread
 from quantdiag.analysis.similarity import (
     above_chance,
-    centred_gram,
+    centre_grams,
     cka_matrix,
     gram_cka,
-    subspace_similarity,
+    gram_subspace_similarity,
     subspace_stats,
-    top_directions,
 )
 from quantdiag.analysis.spill import LayerRows
 from quantdiag.data.facts import Prompt
@@ -47,6 +46,9 @@ SUBSPACE_METRICS = ("activation", "error", "k")
 INTERVAL_POSITION = "subject"
 #: Those statistics: the mean CKA diagonal and the mean subspace similarities above chance.
 INTERVAL_METRICS = ("cka", "activation", "error")
+#: Halves are cut from the Gram matrices and decomposed together, about this many numbers a
+#: cut matrix (five of them, float64: 32 MiB each).
+HALF_BATCH_NUMBERS = 2**22
 
 
 @torch.inference_mode()
@@ -137,23 +139,29 @@ def layer_mean_intervals(
 ) -> dict[str, tuple[float, float] | None]:
     """Half-sampling intervals (``resample``) of the layer means the verdict reads: the CKA
     diagonal, and the activation and error subspace similarities above chance (k per layer
-    fixed to the whole subset's), each moved onto the whole subset's value in ``centres``. Each
-    half's statistics are recomputed from its own rows."""
+    fixed to the whole subset's, at most a half's rank m - 1), each moved onto the whole
+    subset's value in ``centres``. Each half's statistics are recomputed from its own rows,
+    through the Gram matrices of all rows cut to the half's (``HALF_BATCH_NUMBERS`` bound the batch)."""
     n = x.count
     if n < MIN_PROMPTS:
         return dict.fromkeys(INTERVAL_METRICS)
-    picks = halves(n)
+    picks = torch.from_numpy(halves(n))
     per_half = {metric: np.zeros(len(picks)) for metric in INTERVAL_METRICS}
     for layer in range(x.layers):
         xs, ys = (torch.from_numpy(rows.block(layer, 0, n)).double() for rows in (x, y))
-        grams = centred_gram(xs.numpy()), centred_gram(ys.numpy())
-        size = int(k[layer])
-        for h, rows in enumerate(torch.from_numpy(picks)):
-            per_half["cka"][h] += gram_cka(*(gram[rows][:, rows] for gram in grams)) / x.layers
-            base = top_directions(xs[rows], size)
-            for metric, values in (("activation", ys[rows]), ("error", ys[rows] - xs[rows])):
-                similarity = subspace_similarity(base, top_directions(values, size))
-                per_half[metric][h] += float(above_chance(similarity, size, x.width)) / x.layers
+        grams = {"xx": xs @ xs.T, "yy": ys @ ys.T, "xy": xs @ ys.T}
+        grams["ee"] = grams["yy"] - grams["xy"] - grams["xy"].T + grams["xx"]  # the error e = y - x
+        grams["xe"] = grams["xy"] - grams["xx"]
+        size = min(int(k[layer]), picks.shape[1] - 1)
+        batch = max(1, HALF_BATCH_NUMBERS // picks.shape[1] ** 2)
+        for start in range(0, len(picks), batch):
+            rows = picks[start : start + batch]
+            cut = {name: centre_grams(gram[rows[:, :, None], rows[:, None, :]]) for name, gram in grams.items()}
+            chosen = slice(start, start + len(rows))
+            per_half["cka"][chosen] += gram_cka(cut["xx"], cut["yy"]).numpy() / x.layers
+            for metric, own, cross in (("activation", "yy", "xy"), ("error", "ee", "xe")):
+                similarity = gram_subspace_similarity(cut["xx"], cut[own], cut[cross], size).numpy()
+                per_half[metric][chosen] += above_chance(similarity, int(k[layer]), x.width) / x.layers
     return {metric: spread(values, centres[metric]) for metric, values in per_half.items()}
 
 

@@ -8,7 +8,8 @@
   arrays and (L, rows) row sums.
 * Subspaces: the top right singular vectors of a column-centred activation matrix are the top
   eigenvectors of its (d x d) covariance, which streams row block by row block (with no more rows
-  than d, the matrix itself is smaller and its SVD is taken instead).
+  than d, the matrix itself is smaller and its SVD is taken instead). On the halves of a subset
+  (intervals) the similarities come from the halves' (m x m) Gram matrices, many halves at once.
 """
 
 from __future__ import annotations
@@ -54,32 +55,30 @@ def cka_matrix(x: LayerRows, y: LayerRows, device: torch.device | str = "cpu", b
                 row_sums[name][:, a : a + gram.shape[1]] += gram.sum(2)
                 if a != b:
                     row_sums[name][:, b : b + gram.shape[2]] += gram.sum(1)
-    hsic = lambda p, q, products: unbiased_hsic(products, sums[p], sums[q], row_sums[p], row_sums[q], n)  # noqa: E731
+
+    def hsic(p: str, q: str, products: torch.Tensor) -> torch.Tensor:  # every pair (i, j) of layers
+        return unbiased_hsic(products, torch.outer(sums[p], sums[q]), row_sums[p] @ row_sums[q].T, n)
+
     xx = torch.diagonal(hsic("x", "x", torch.diag(own["x"])))
     yy = torch.diagonal(hsic("y", "y", torch.diag(own["y"])))
     return (hsic("x", "y", cross) / torch.outer(xx, yy).sqrt()).cpu().numpy()
 
 
 def unbiased_hsic(
-    products: torch.Tensor,
-    sums_x: torch.Tensor,
-    sums_y: torch.Tensor,
-    row_sums_x: torch.Tensor,
-    row_sums_y: torch.Tensor,
-    n: int,
+    products: torch.Tensor, sum_products: torch.Tensor, row_products: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """Song et al.'s unbiased HSIC of every pair (i, j) from Gram matrices K_i, L_j with zero
-    diagonals: ``[tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n(n-3))``; ``products``
-    holds tr(K_i L_j), ``sums`` 1'K1, ``row_sums`` K1 (layers x n). NaN below 4 rows."""
+    """Song et al.'s unbiased HSIC from Gram matrices K, L with zero diagonals:
+    ``[tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n(n-3))``, elementwise over the terms
+    given: ``products`` tr(KL), ``sum_products`` 1'K1 1'L1, ``row_products`` 1'KL1 (= K1 . L1).
+    NaN below 4 rows."""
     if n < CKA_MIN_PROMPTS:
         return torch.full_like(products, float("nan"))
-    total = products + torch.outer(sums_x, sums_y) / ((n - 1) * (n - 2)) - 2 / (n - 2) * row_sums_x @ row_sums_y.T
-    return total / (n * (n - 3))
+    return (products + sum_products / ((n - 1) * (n - 2)) - 2 / (n - 2) * row_products) / (n * (n - 3))
 
 
 def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Debiased linear CKA of two in-memory (rows x width) matrices (``cka_matrix``'s estimator)."""
-    return gram_cka(*(centred_gram(values) for values in (x, y)))
+    return float(gram_cka(*(centred_gram(values) for values in (x, y))))
 
 
 def centred_gram(values: np.ndarray) -> torch.Tensor:
@@ -89,19 +88,22 @@ def centred_gram(values: np.ndarray) -> torch.Tensor:
     return centred @ centred.T
 
 
-def gram_cka(gram_x: torch.Tensor, gram_y: torch.Tensor) -> float:
-    """Debiased linear CKA from two (n x n) Gram matrices (their diagonals are ignored). The
-    unbiased HSIC does not change when the rows are re-centred, so Gram matrices of a subset of
-    rows, cut from the whole set's, give the subset's CKA."""
-    grams = [gram.clone().fill_diagonal_(0) for gram in (gram_x, gram_y)]
-    sums = [gram.sum().reshape(1) for gram in grams]
-    rows = [gram.sum(1).reshape(1, -1) for gram in grams]
+def gram_cka(gram_x: torch.Tensor, gram_y: torch.Tensor) -> torch.Tensor:
+    """Debiased linear CKA from (... x n x n) Gram matrices (their diagonals are ignored), one per
+    leading index. The unbiased HSIC does not change when the rows are re-centred, so Gram
+    matrices of a subset of rows, cut from the whole set's, give the subset's CKA."""
+    n = gram_x.shape[-1]
+    grams = [gram.clone() for gram in (gram_x, gram_y)]
+    for gram in grams:
+        gram.diagonal(dim1=-2, dim2=-1).zero_()
+    sums = [gram.sum((-2, -1)) for gram in grams]
+    rows = [gram.sum(-1) for gram in grams]
 
-    def hsic(p: int, q: int) -> float:
-        products = (grams[p] * grams[q]).sum().reshape(1, 1)
-        return float(unbiased_hsic(products, sums[p], sums[q], rows[p], rows[q], len(gram_x)))
+    def hsic(p: int, q: int) -> torch.Tensor:
+        products = (grams[p] * grams[q]).sum((-2, -1))
+        return unbiased_hsic(products, sums[p] * sums[q], (rows[p] * rows[q]).sum(-1), n)
 
-    return hsic(0, 1) / float(np.sqrt(hsic(0, 0) * hsic(1, 1)))
+    return hsic(0, 1) / (hsic(0, 0) * hsic(1, 1)).sqrt()
 
 
 def above_chance(similarity: np.ndarray, k: np.ndarray, width: int) -> np.ndarray:
@@ -111,9 +113,24 @@ def above_chance(similarity: np.ndarray, k: np.ndarray, width: int) -> np.ndarra
     return (np.asarray(similarity, dtype=float) - chance) / (1 - chance)
 
 
-def top_directions(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k right singular vectors (d x k) of the column-centred rows of ``values``."""
-    return torch.linalg.svd(values - values.mean(0), full_matrices=False)[2][:k].T
+def centre_grams(grams: torch.Tensor) -> torch.Tensor:
+    """``H G H`` for each (m x m) Gram matrix ``X Y^T`` of a batch, ``H = I - 11^T / m``: the Gram
+    matrix of the column-centred rows."""
+    return grams - grams.mean(-1, keepdim=True) - grams.mean(-2, keepdim=True) + grams.mean((-2, -1), keepdim=True)
+
+
+def gram_subspace_similarity(xx: torch.Tensor, vv: torch.Tensor, xv: torch.Tensor, k: int) -> torch.Tensor:
+    """Per batch item, ``||A^T B||_F^2 / k`` for the top-k right singular vectors A of X and B of V,
+    from the centred Gram matrices ``XX^T``, ``VV^T`` and ``XV^T`` (batch x m x m) alone: with
+    ``X = U S A^T``, ``A = X^T U S^-1``, so ``A^T B = S_x^-1 U_x^T (X V^T) U_v S_v^-1``. k is at most
+    m - 1, the rank of m centred rows."""
+
+    def scaled_top(gram: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(gram)  # ascending
+        return vectors[..., -k:] / values[..., -k:].clamp_min(torch.finfo(gram.dtype).tiny).sqrt().unsqueeze(-2)
+
+    cross = scaled_top(xx).transpose(-1, -2) @ xv @ scaled_top(vv)
+    return (cross**2).sum((-2, -1)) / k
 
 
 def _centred_grams(rows: LayerRows, a: int, b: int, block: int, device: torch.device | str) -> torch.Tensor:
