@@ -1,9 +1,9 @@
-"""End to end on the built-in SmolLM2 with the quick preset (recall, lens, components and
-representations): RTN and GPTQ at 4 and 2 bits and their verdicts, then ``quantdiag patch`` on the
-finished run (residual patching, 4 prompts a subset), ``quantdiag sensitivity`` at 2 bits and
-``quantdiag repair`` at 4 and 2 bits (3 blocks protected: the 4-bit domino test that would choose
-m is not run here, to save time), the report in headless Chromium, and ``quantdiag diagnose`` on
-a GGUF file.
+"""End to end on the built-in SmolLM2 with the quick preset (recall, lens, components,
+representations, the early domino test and early protection): RTN and GPTQ at 4 and 2 bits and
+their verdicts, then ``quantdiag patch`` on the finished run (residual patching, 4 prompts a
+subset), ``quantdiag sensitivity`` at 2 bits and ``quantdiag repair`` at 4 and 2 bits (early
+protection of 3 blocks and EoRA, the repairs the paper's Table 1 contrasts; the others are tested
+on tiny models), the report in headless Chromium, and ``quantdiag diagnose`` on a GGUF file.
 
 Uses the user's quantdiag cache (content-keyed, so sharing it is safe): the first run on a fresh
 machine converts the GGUF, generates calibration text and quantizes (a few minutes); reruns reuse it.
@@ -179,7 +179,7 @@ def repaired_run(quick_run):
     run_dir = str(report.parent)
     for args in (
         ["sensitivity", run_dir, "--sensitivity-bits", "2"],
-        ["repair", run_dir, "--repair-bits", "4,2", "--protect-blocks", "3"],
+        ["repair", run_dir, "--repair-bits", "4,2", "--repairs", "early,eora", "--protect-blocks", "3"],
     ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output

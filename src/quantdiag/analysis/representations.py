@@ -9,7 +9,6 @@ there block by block (``similarity``), so memory does not grow with the number o
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,19 +62,23 @@ def representation_arrays(
     """Per subset, ``{subset}/{stream}/{position}/cka`` (layers x layers, reference layer i vs
     ``setting``'s layer j) and ``{subset}/resid/{position}/{activation,error,k}`` (per layer).
     For the reference itself only its own CKA matrix. Spills go to a temporary folder in
-    ``workdir`` and are removed."""
-    out = {}
+    ``workdir`` and are removed; every subset is spilled under one setting before the weights are
+    swapped to the other (two swaps, not two a subset)."""
     with tempfile.TemporaryDirectory(prefix="spill-", dir=workdir) as folder:
-        for index, (subset, prompts) in enumerate(subset_prompts.items()):
-            here = Path(folder) / str(index)
-            reference = _spill(loaded, bank, REFERENCE, prompts, batch_size, here / "reference")
-            compared = (
-                reference
-                if setting == REFERENCE
-                else _spill(loaded, bank, setting, prompts, batch_size, here / "compared")
-            )
-            out |= {f"{subset}/{key}": value for key, value in _compare(reference, compared, loaded.device).items()}
-            shutil.rmtree(here)
+        spills = {
+            name: {
+                subset: _spill(loaded, bank, model, prompts, batch_size, Path(folder) / name / str(index))
+                for index, (subset, prompts) in enumerate(subset_prompts.items())
+            }
+            for name, model in (("reference", REFERENCE), ("compared", setting))
+            if name == "reference" or setting != REFERENCE
+        }
+        compared = spills.get("compared", spills["reference"])
+        out = {
+            f"{subset}/{key}": value
+            for subset, reference in spills["reference"].items()
+            for key, value in _compare(reference, compared[subset], loaded.device).items()
+        }
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     return out
 
