@@ -146,7 +146,7 @@ def test_2_bit_components_are_worse_than_4_bit(patched_run):
     """METHODS 4: at most layers the 2-bit gates flip more signs and the MLP outputs point further
     from the reference's than at 4-bit (Failure subset); patching stays in the results."""
     report, results = patched_run
-    assert results["config"]["analyses"] == ["components", "representations", "sensitivity", "patching"]
+    assert results["config"]["analyses"] == ["components", "representations", "sensitivity", "repairs", "patching"]
     assert "Components, GPTQ, Failure subset" in report.read_text()
     for method in ("RTN", "GPTQ"):
         key = f"{method.lower()}:failure"
