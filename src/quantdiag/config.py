@@ -37,8 +37,8 @@ DEFAULT_ALPHAS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
 #: Rank of the EoRA compensation.
 DEFAULT_RANK = 32
 #: Without --relations a run keeps the relations on which the reference answers at least
-#: MIN_KNOWN_ACCURACY of PROBE_FACTS seeded facts (``analysis.known``; the Makefile's demo relations
-#: were chosen by the same line).
+#: MIN_KNOWN_ACCURACY of PROBE_FACTS seeded facts (``analysis.known``; on Gemma 3 270M the probe keeps
+#: exactly the Makefile's demo relations, docs/verdict.md).
 PROBE_FACTS = 20
 MIN_KNOWN_ACCURACY = 0.1
 #: How far the sensitivity maps sweep: the domino test over the early blocks only (what the verdict
