@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from quantdiag.analysis.effects import from_json
 from quantdiag.report.plots import BITS_COLORS, Section
@@ -64,6 +65,7 @@ def sensitivity_curves(settings: list[dict]) -> tuple[Figure, list[str]]:
         axes[row, 0].set_ylabel("accuracy (%)")
     for ax in axes[-1]:
         ax.set_xlabel("block k")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # an early sweep has a few blocks
     max(axes.flat, key=lambda ax: len(ax.get_lines())).legend(fontsize=8)
     fig.suptitle("Accuracy with some blocks quantized, the rest at reference precision (reference: 100%)")
     return fig, [_domino_reading(setting) for setting in settings]
