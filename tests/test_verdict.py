@@ -13,7 +13,7 @@ import pytest
 from quantdiag.analysis.positions import GROUPS
 from quantdiag.verdict import verdict_of
 from quantdiag.verdict.evidence import Measured, measure
-from quantdiag.verdict.recommend import injection_blocks
+from quantdiag.verdict.recommend import _more_bits, injection_blocks
 from quantdiag.verdict.rules import (
     BROKEN,
     COLLAPSE,
@@ -450,3 +450,10 @@ def test_docs_state_every_threshold():
         assert f"`{signature.name}`" in text and f"| {side} {signature.threshold:g} |" in text, signature.name
     assert f"**{HEALTHY_RETENTION:.0%}**" in text and f"**{LOW_RETENTION:.0%}**" in text
     assert f"**{MIN_SUBSET}**" in text and f"**{REPAIR_GAIN * 100:g} points**" in text
+
+
+def test_more_bits_names_a_lone_first_block_as_one_block():
+    """Damage from block 0 is "block 0", not "blocks 0-0"; from block 2, "blocks 0-2"."""
+    results, setting = {"model": {"n_layers": LAYERS}}, {"method": "rtn", "key": "rtn-w2"}
+    assert _more_bits(results, setting, 0) == "more bits in block 0, where the damage starts"
+    assert _more_bits(results, setting, 2) == "more bits in blocks 0-2, where the damage starts"

@@ -126,11 +126,16 @@ def _more_bits(results: dict, setting: dict, block: int | None) -> str:
         return (
             "more bits in the early blocks"
             if block is None
-            else f"more bits in blocks 0-{block}, where the damage starts"
+            else f"more bits in {_leading(block)}, where the damage starts"
         )
     if needed < results["model"]["n_layers"]:
         return (
-            f"more bits in blocks 0-{needed - 1} (at reference precision they bring back {INJECTION_RECOVERY:.0%} "
+            f"more bits in {_leading(needed - 1)} (at reference precision they bring back {INJECTION_RECOVERY:.0%} "
             "of the Failure subset)"
         )
     return "more bits throughout: no shorter run of leading blocks at reference precision brought the answers back"
+
+
+def _leading(last: int) -> str:
+    """Blocks 0..last in words: "block 0" alone, else "blocks 0-<last>"."""
+    return "block 0" if last == 0 else f"blocks 0-{last}"
