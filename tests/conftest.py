@@ -100,6 +100,13 @@ def answer_in_words(loaded: LoadedModel) -> None:
     head.data[words] *= 4
 
 
+def save_model(loaded: LoadedModel, folder: Path) -> Path:
+    """``loaded``'s model and tokenizer as a Hugging Face folder (what ``--model`` reads)."""
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_noisy(source: Path, target: Path, scale: float, seed: int, chosen=lambda name: "layers" in name) -> None:
     """A float checkpoint in ``target``: the model in ``source`` plus Gaussian noise of ``scale``
     times each chosen 2-D weight's standard deviation, with the tiny tokenizer."""

@@ -20,7 +20,7 @@ from quantdiag.quant.awq import awq_quantize
 from quantdiag.quant.rtn import rtn_dequantized
 from quantdiag.quant.spec import QuantSpec
 
-from conftest import FAMILIES, answer_in_words, tiny_model
+from conftest import FAMILIES, answer_in_words, save_model, tiny_model
 
 GROUP, BATCH, BITS = 32, 4, 4
 IDS = torch.randint(1, 500, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -174,8 +174,7 @@ def test_every_analysis_runs_on_an_awq_setting(tmp_path):
         if word and target_token(loaded.tokenizer, fact.text, list(prompt.ids), word) == int(answer):
             rows.append({"subject": fact.subject, "object": word, "template": fact.template, "relation": fact.relation})
     (tmp_path / "facts.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    save_model(loaded, folder)
     config = RunConfig(
         out=str(tmp_path / "run"),
         model=str(folder),

@@ -17,6 +17,8 @@ from quantdiag.data.facts import load_pararel
 from quantdiag.errors import QuantdiagError
 from quantdiag.resolve import check_writable
 
+from conftest import save_model
+
 
 def _run(args: list[str]):
     return CliRunner().invoke(app, ["run", *args])
@@ -156,8 +158,7 @@ def test_a_folder_named_like_a_run_file_is_refused(tmp_path):
 
 def test_a_real_run_folder_is_accepted_again_and_force_writes_beside_a_strangers_files(tmp_path, llama):
     """The files a run writes are the ones its rerun accepts; --force keeps what was there."""
-    llama.model.save_pretrained(tmp_path / "ref")
-    llama.tokenizer.save_pretrained(tmp_path / "ref")
+    save_model(llama, tmp_path / "ref")
     out = tmp_path / "run"
     args = ["--model", str(tmp_path / "ref"), "--methods", "rtn", "--bits", "4", "--relations", "P19", "--facts", "2"]
     args += ["--preset", "quick", "--analyses", "none", "--device", "cpu", "--out", str(out)]

@@ -18,7 +18,7 @@ from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import load_calibration
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec
 
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 
 GROUP = 32
 WINDOWS = torch.randint(1, 500, (7, 24), generator=torch.Generator().manual_seed(3))
@@ -115,9 +115,7 @@ def test_a_text_file_holding_only_the_calibration_text_is_a_clear_error(tmp_path
 def test_a_run_writes_the_statistics_and_the_figure(tmp_path):
     """``--analyses distribution`` on a tiny Llama: each setting's statistics in results.json, the
     reference's own ratio 1, and the KLD figure in the report."""
-    loaded = tiny_model("llama")
-    loaded.model.save_pretrained(tmp_path / "reference")
-    loaded.tokenizer.save_pretrained(tmp_path / "reference")
+    save_model(tiny_model("llama"), tmp_path / "reference")
     config = RunConfig(
         out=str(tmp_path / "run"),
         model=str(tmp_path / "reference"),

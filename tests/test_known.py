@@ -10,7 +10,7 @@ from quantdiag.config import PROBE_FACTS, RunConfig
 from quantdiag.data.facts import load_pararel, pararel_relations, tokenize
 from quantdiag.pipeline import run
 
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 
 
 def test_known_relations_are_those_at_the_line_best_first():
@@ -38,9 +38,7 @@ def test_a_run_without_relations_keeps_the_known_ones_and_says_why(tmp_path, mon
     probe = {relation: 0.0 for relation in pararel_relations()} | {"P19": 0.3, "P37": 0.15}
     calls = []
     monkeypatch.setattr("quantdiag.pipeline.probe_accuracy", lambda *args: calls.append(1) or probe)
-    loaded = tiny_model("llama")
-    loaded.model.save_pretrained(tmp_path / "reference")
-    loaded.tokenizer.save_pretrained(tmp_path / "reference")
+    save_model(tiny_model("llama"), tmp_path / "reference")
     config = RunConfig(
         out=str(tmp_path / "run"),
         model=str(tmp_path / "reference"),

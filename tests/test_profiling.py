@@ -15,6 +15,8 @@ from quantdiag.profiling import GIB, Profiler
 from quantdiag.report.profile import profile_reading, stage_totals
 from quantdiag.runs import RunDir
 
+from conftest import save_model
+
 
 def test_a_sleep_takes_wall_time_and_no_cpu_time_a_busy_loop_both():
     profiler = Profiler(enabled=True)
@@ -80,8 +82,7 @@ def test_totals_and_reading_sum_each_stage_kind():
 
 
 def test_a_profiled_run_writes_every_stage_to_results_and_the_report(tmp_path, llama):
-    llama.model.save_pretrained(tmp_path / "ref")
-    llama.tokenizer.save_pretrained(tmp_path / "ref")
+    save_model(llama, tmp_path / "ref")
     out = tmp_path / "run"
     args = ["run", "--model", str(tmp_path / "ref"), "--methods", "rtn", "--bits", "4", "--relations", "P19"]
     args += ["--facts", "2", "--preset", "quick", "--analyses", "none", "--device", "cpu", "--out", str(out)]

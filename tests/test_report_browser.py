@@ -17,14 +17,12 @@ from quantdiag.model.load import LoadedModel
 from quantdiag.pipeline import run
 
 from browser import needs_chromium, open_report
-from conftest import tiny_model
+from conftest import save_model, tiny_model
 
 
 @needs_chromium
 def test_the_report_opens_cleanly_in_chromium(tmp_path):
-    loaded = tiny_model("llama")
-    loaded.model.save_pretrained(tmp_path / "model")
-    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    save_model(tiny_model("llama"), tmp_path / "model")
     config = RunConfig(
         out=str(tmp_path / "run"),
         model=str(tmp_path / "model"),

@@ -71,10 +71,8 @@ def _rounded(source, target, bits: int) -> None:
     model.save_pretrained(target)
 
 
-@pytest.fixture(scope="module")
-def diagnosed(tmp_path_factory):
-    """One quick diagnosis of the five checkpoints; (verdict by name, seconds)."""
-    folder = tmp_path_factory.mktemp("validation")
+def make_checkpoints(folder) -> None:
+    """The five checkpoints of ``EXPECTED`` in ``folder``, from the built-in model."""
     source = converted_gguf(builtin_gguf())
     save_noisy(source, folder / "tiny", 1e-3, 1)
     save_noisy(source, folder / "noise", NOISE_SCALE, 1)
@@ -84,10 +82,21 @@ def diagnosed(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(source)
     for name in EXPECTED:
         tokenizer.save_pretrained(folder / name)  # save_noisy writes the unit tests' tiny tokenizer
-    args = ["diagnose", "--preset", "quick", "--relations", ",".join(RELATIONS), "--facts", str(FACTS)]
-    args += ["--device", "cpu", "--out", str(folder / "run"), "--json"]
-    for name in EXPECTED:
-        args += ["--compare", str(folder / name)]
+
+
+def diagnose_args(folder, preset: str, out) -> list[str]:
+    """``quantdiag diagnose``'s arguments judging the checkpoints in ``folder`` with ``preset``, JSON out."""
+    args = ["diagnose", "--preset", preset, "--relations", ",".join(RELATIONS), "--facts", str(FACTS)]
+    args += ["--device", "cpu", "--out", str(out), "--json"]
+    return args + [arg for name in EXPECTED for arg in ("--compare", str(folder / name))]
+
+
+@pytest.fixture(scope="module")
+def diagnosed(tmp_path_factory):
+    """One quick diagnosis of the five checkpoints; (verdict by name, seconds)."""
+    folder = tmp_path_factory.mktemp("validation")
+    make_checkpoints(folder)
+    args = diagnose_args(folder, "quick", folder / "run")
     torch.manual_seed(0)
     start = time.perf_counter()
     result = CliRunner().invoke(app, args)

@@ -96,7 +96,7 @@ def block_sweeps(
         bank.apply(PrecisionPlan.uniform(setting))
         quantized = trace_stack(adapter, ids)  # its masks and positions are the reference's: no weights in them
         correct["whole"][batch] = _answered(adapter, quantized.states[layers], targets)
-        for k in range(max(steps, layers if single else 0)):
+        for k in range(layers if single else steps):  # steps <= layers
             bank.apply(blocks_plan(setting, k, k + 1))
             starts = {"domino": quantized.states[k + 1]} if k < steps else {}
             if single:
