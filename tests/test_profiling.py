@@ -4,9 +4,11 @@ itself does (a sleep, a busy loop, an allocation), and a profiled run's results 
 from __future__ import annotations
 
 import json
+import mmap
 import time
 
 import numpy as np
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -38,10 +40,15 @@ def test_peak_memory_sees_an_allocation_freed_before_the_stage_ends():
     with profiler.stage("small"):
         pass
     with profiler.stage("allocate"):
-        block = np.ones(int(0.5 * GIB) // 8)  # 0.5 GiB written, so resident
-        time.sleep(0.2)  # the sampler reads it at least once
-        del block
+        # Fresh anonymous pages, written, so resident whatever the allocator kept from earlier tests.
+        block, page = mmap.mmap(-1, GIB // 2), b"\1" * mmap.PAGESIZE
+        for _ in range(GIB // 2 // mmap.PAGESIZE):
+            block.write(page)
+        seen_while_allocated = psutil.Process().memory_info().rss / GIB
+        time.sleep(0.4)  # twenty sampling intervals: the sampler reads it at least once
+        block.close()
     small, allocated = profiler.stages
+    assert allocated.peak_rss_gib >= seen_while_allocated - 0.01
     assert allocated.peak_rss_gib - small.peak_rss_gib == pytest.approx(0.5, abs=0.1)
 
 
