@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantdiag.analysis.robustness import ANSWER_TOKENS
 from quantdiag.cost_model import ModelShape, RunSizes, stage_flops
 
 from conftest import FAMILIES, tiny_model
@@ -47,7 +48,8 @@ def test_eval_and_causal_operations_by_hand():
     flops = stage_flops(shape, run)
     forward = 4 * 2 * 200 + 80  # 4 tokens x 2 blocks x 2 x 100 weights, one position unembedded (2 x 4 x 10)
     lens = 2 * 80
-    assert flops["eval"] == 2 * (3 * (forward + lens) + 2 * forward)
+    answer = forward + ANSWER_TOKENS * (2 * 200 + 80)  # each answer token: 2 blocks and the head, one position
+    assert flops["eval"] == 2 * (3 * (forward + lens) + 2 * answer)
     # per prompt and stream: a patch at layer l reruns blocks l+1.. (1 block for l = 0, none for l = 1) on
     # tokens t.. (4 + 3 + 2 + 1 tokens), and each of the 2 x 4 patches unembeds one position
     patched = 1 * 10 * 200 + 2 * 4 * 80

@@ -68,6 +68,15 @@ def test_the_performance_cliff(quick_run):
         assert four["median_rank"] <= 2 * reference["median_rank"], method
         assert two["accuracy"] <= 0.1 * reference["accuracy"], method
         assert two["median_rank"] > 100 * reference["median_rank"], method
+        assert two["robustness_accuracy"] == 0.0, method
+
+
+def test_robustness_answers_measure_the_reference(quick_run):
+    """The instruction-wrapped paraphrases, answered in SmolLM2's chat template, score the
+    reference (40% on the quick preset's paraphrases of the demo relations, measured) where its
+    first token scored 0% for every setting."""
+    _, _, results = quick_run
+    assert _setting(results, "Reference")["recall"]["robustness_accuracy"] > 0.2
 
 
 def test_report_and_lens_per_subset(quick_run):

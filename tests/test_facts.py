@@ -179,8 +179,8 @@ def test_facts_without_a_target_are_dropped_and_counted():
     assert (prompts.facts, prompts.dropped) == ([facts[0], facts[2]], 1)
     assert [p.fact for p in prompts.primary] == [0, 1]
     assert [p.fact for p in prompts.robustness] == [0, 1]
-    wrapped = tokenizer.convert_ids_to_tokens(list(prompts.robustness[1].ids[-4:]) + [prompts.robustness[1].target])
-    assert wrapped == ["Ġis", ":", "Ġ", "'", "1"]  # the answer's opening quote is given; its first digit scored
+    wrapped = tokenizer.decode(prompts.robustness[1].ids)  # no chat template: the wrapper as plain text
+    assert wrapped == robustness_texts(facts[2], 1)[0] and wrapped.endswith("The missing word is:")
     assert "Facts not scored: 1 (" in _notes(RunContext(None, None, None, prompts, RunConfig()), [])[-1]
 
 

@@ -42,7 +42,7 @@ RTN = "quantdiag.quant.bank:rtn_dequantized"
 KILLS = [
     (RTN, 31),
     ("quantdiag.quant.bank:save_file", 1),
-    ("quantdiag.pipeline:score_prompts", 4),
+    ("quantdiag.pipeline:robustness_correct", 2),
     ("matplotlib.figure:Figure.savefig", 4),
 ]
 UNREADABLE = "is unreadable"

@@ -51,7 +51,7 @@ def test_recall_summary_by_hand():
         target_rank=np.array([1, 4, 1, 30, 1, 2000]),
     )
     # Paraphrases: fact 0 three times (2 right), fact 1 once (right), fact 2 twice (none right).
-    robust = Scores(np.zeros(6), np.array([0, 0, 1, 0, 1, 1]), np.zeros(6), np.ones(6))
+    robust = np.array([True, True, False, True, False, False])
     summary = recall_summary(_facts(), scores, _Words(), robust, np.array([0, 0, 0, 1, 2, 2]))
     assert summary["accuracy"] == pytest.approx(3 / 6)
     # Mean over facts of each fact's paraphrase accuracy: (2/3 + 1 + 0) / 3, not 3 of 6 prompts.
@@ -67,5 +67,5 @@ def test_recall_summary_by_hand():
 
 def test_no_paraphrases_no_robustness_accuracy():
     scores = Scores(np.array([5]), np.array([5]), np.array([0.9]), np.array([1]))
-    summary = recall_summary(_facts()[:1], scores, _Words(), None, np.array([], dtype=int))
+    summary = recall_summary(_facts()[:1], scores, _Words(), np.array([], dtype=bool), np.array([], dtype=int))
     assert summary["robustness_accuracy"] is None and summary["accuracy"] == 1.0

@@ -51,7 +51,7 @@ ANALYSES = (*CAUSAL_ANALYSES, "components", "representations", "sensitivity", "r
 PRESETS: dict[str, dict] = {
     "quick": {
         "facts_per_relation": 20,
-        "robustness_facts": 40,
+        "robustness_facts": 30,  # two paraphrases each: one batch of answers a setting
         "max_paraphrases": 2,
         "analyses": ("components", "representations", "sensitivity", "repairs"),
         "patch_prompts": 4,

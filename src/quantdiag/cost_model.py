@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from quantdiag.analysis.robustness import ANSWER_TOKENS
 from quantdiag.quant.bank import EORA_SETTINGS_PER_PASS
 
 
@@ -45,7 +46,7 @@ class ModelShape:
 @dataclass(frozen=True)
 class RunSizes:
     """The sizes a run's cost depends on: ``facts`` primary prompts and ``robustness`` paraphrase
-    prompts of ``tokens`` tokens on average; ``settings`` compared (the reference apart), of which
+    prompts (each answered in at most ``ANSWER_TOKENS`` tokens) of ``tokens`` tokens on average; ``settings`` compared (the reference apart), of which
     ``gptq`` calibrate on ``calibration_tokens``; ``causal`` settings traced on ``patch_prompts``
     prompts of each of their ``subsets`` per stream in ``streams``; ``subset_prompts`` Robust plus
     Failure prompts of a setting (components, representations, sensitivity and repairs read them);
@@ -81,6 +82,7 @@ def stage_flops(shape: ModelShape, run: RunSizes) -> dict[str, float]:
     """Operations of each stage of ``run`` on a model of ``shape``, summed over its settings."""
     L, block, head = shape.layers, shape.block_token(), shape.head_token()
     forward = run.tokens * L * block + head  # one prompt, last position unembedded
+    answer = forward + ANSWER_TOKENS * (L * block + head)  # a paraphrase and its greedy answer, cached keys
     lens = L * head  # the logit lens at every layer
     # a patch at (l, t) reruns blocks l+1.. on tokens t.. (the tokens before reuse clean keys and values)
     patched = (L * (L - 1) / 2) * (run.tokens * (run.tokens + 1) / 2) * block + L * run.tokens * head
@@ -88,7 +90,7 @@ def stage_flops(shape: ModelShape, run: RunSizes) -> dict[str, float]:
     calibration = run.calibration_tokens * L * block
     covariances = _input_covariances(shape, run.calibration_tokens)
     return {
-        "eval": (run.settings + 1) * (run.facts * (forward + lens) + run.robustness * forward),
+        "eval": (run.settings + 1) * (run.facts * (forward + lens) + run.robustness * answer),
         "quantize": run.gptq * (GPTQ_BLOCK_PASSES * calibration + covariances + _gptq_solver(shape)),
         "causal": run.streams * (2 * run.causal + run.methods) * traced_prompts * patched,
         "components": (run.settings + 1) * run.facts * forward,

@@ -21,6 +21,7 @@ from quantdiag.analysis.known import known_relations, probe_accuracy
 from quantdiag.analysis.recall import subsets
 from quantdiag.analysis.repairs import protect_setting, protected_blocks, repair_arrays, repair_reads, repairable
 from quantdiag.analysis.representations import representation_arrays
+from quantdiag.analysis.robustness import Paraphrase, paraphrase_ids, robustness_correct
 from quantdiag.analysis.sensitivity import damage_onset, injection_arrays, injection_settings, sensitivity_arrays
 from quantdiag.config import PROBE_FACTS, RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
@@ -125,8 +126,8 @@ def build_prompts(
     loaded: LoadedModel, facts: list[Fact], config: RunConfig, probe: dict[str, float] | None = None
 ) -> PromptSet:
     """Tokenize the primary prompt of every fact, dropping those without a target, and the
-    robustness paraphrases (those with a target) of a seeded sample of ``config.robustness_facts``
-    of the rest; ``probe``: the relation probe the facts were chosen by, if any."""
+    instruction-wrapped paraphrases of a seeded sample of ``config.robustness_facts`` of the rest;
+    ``probe``: the relation probe the facts were chosen by, if any."""
     tokenizer = loaded.tokenizer
     tokenized = [(fact, tokenize(tokenizer, fact, 0)) for fact in facts]
     kept = [(fact, prompt) for fact, prompt in tokenized if prompt is not None]
@@ -136,12 +137,11 @@ def build_prompts(
     scored = [fact for fact, _ in kept]
     order = np.random.default_rng(config.seed).permutation(len(scored))
     sample = sorted(order[: config.robustness_facts].tolist())
-    paraphrased = (
-        tokenize(tokenizer, scored[index], index, text)
+    robustness = [
+        Paraphrase(index, paraphrase_ids(tokenizer, text))
         for index in sample
         for text in robustness_texts(scored[index], config.max_paraphrases)
-    )
-    robustness = [prompt for prompt in paraphrased if prompt is not None]
+    ]
     return PromptSet(primary, robustness, scored, len(facts) - len(scored), probe)
 
 
@@ -152,12 +152,13 @@ def evaluate(context: RunContext, setting: Setting, lens_rows: np.ndarray) -> Ev
     def compute() -> dict[str, np.ndarray]:
         bank.apply(PrecisionPlan.uniform(setting))
         main = score_prompts(loaded, prompts.primary, batch_size, lens_rows, desc=f"recall {setting.label}")
-        robust = score_prompts(loaded, prompts.robustness, batch_size, desc=f"robustness {setting.label}")
-        return {**main.arrays(), **robust.arrays("robustness/")}
+        desc = f"robustness {setting.label}"
+        answered = robustness_correct(loaded, prompts.robustness, prompts.facts, batch_size, desc)
+        return {**main.arrays(), "robustness/correct": answered}
 
     key = context.stage_key(setting, lens_rows.tobytes().hex())
     arrays = context.run_dir.cached("eval", key, compute, setting.key)
-    return Evaluated(setting, Scores.from_arrays(arrays), Scores.from_arrays(arrays, "robustness/"))
+    return Evaluated(setting, Scores.from_arrays(arrays), arrays["robustness/correct"])
 
 
 def method_subsets(reference: Evaluated, evaluated: list[Evaluated], bits: int) -> Groups:
@@ -346,7 +347,7 @@ def _arrays(
     arrays = {"relation": np.array([fact.relation for fact in facts])}
     for item in [reference, *evaluated]:
         arrays.update(item.scores.arrays(f"{item.setting.key}/"))
-        arrays.update(item.robustness.arrays(f"{item.setting.key}/robustness/"))
+        arrays[f"{item.setting.key}/robustness/correct"] = item.robustness
     for analysis, by_setting in analyses.per_setting().items():
         for setting, values in by_setting.items():
             arrays.update({f"{setting.key}/{analysis}/{key}": value for key, value in values.items()})

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from quantdiag.analysis.forward import Scores
+from quantdiag.analysis.robustness import Paraphrase
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import Fact, Prompt
 from quantdiag.model.load import LoadedModel
@@ -32,7 +33,7 @@ class PromptSet:
     the reference's accuracy per relation the relations were chosen by (``None``: named by the user)."""
 
     primary: list[Prompt]
-    robustness: list[Prompt]
+    robustness: list[Paraphrase]
     facts: list[Fact]
     dropped: int
     probe: dict[str, float] | None = None
@@ -45,18 +46,19 @@ class PromptSet:
     def digest(self) -> str:
         """Hash of every prompt's fact, ids, target and subject span (causal tracing, components
         and representations read it): part of every stage's cache key."""
-        blob = repr([(p.fact, p.ids, p.target, p.subject) for p in self.primary + self.robustness]).encode()
+        primary = [(p.fact, p.ids, p.target, p.subject) for p in self.primary]
+        blob = repr(primary + [(p.fact, p.ids) for p in self.robustness]).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass
 class Evaluated:
-    """One model setting's scores on the primary and robustness prompts: the reference's, or a
-    compared setting's (a ``ComparedSpec``)."""
+    """One model setting's scores on the primary prompts and, per robustness paraphrase, whether
+    its answer named the object: the reference's, or a compared setting's (a ``ComparedSpec``)."""
 
     setting: Setting
     scores: Scores
-    robustness: Scores
+    robustness: np.ndarray
 
 
 @dataclass

@@ -43,26 +43,24 @@ def per_relation_accuracy(facts: Sequence[Fact], correct: np.ndarray) -> dict[st
     return {relation: float(correct[relations == relation].mean()) for relation in sorted(set(relations))}
 
 
-def robustness_accuracy(correct: np.ndarray, fact_of_prompt: np.ndarray) -> float:
-    """Mean over facts of the accuracy over that fact's paraphrases."""
+def robustness_accuracy(correct: np.ndarray, fact_of_prompt: np.ndarray) -> float | None:
+    """Mean over facts of the accuracy over that fact's paraphrases; ``None`` without paraphrases."""
     per_fact = [correct[fact_of_prompt == fact].mean() for fact in np.unique(fact_of_prompt)]
-    return float(np.mean(per_fact)) if per_fact else float("nan")
+    return float(np.mean(per_fact)) if per_fact else None
 
 
 def recall_summary(
     facts: Sequence[Fact],
     scores: Scores,
     tokenizer: PreTrainedTokenizerBase,
-    robust_scores: Scores | None,
-    fact_of_robust_prompt: np.ndarray,
+    robustness_correct: np.ndarray,
+    fact_of_paraphrase: np.ndarray,
 ) -> dict:
     """Everything the report says about one model's recall."""
     correct = scores.correct
     return {
         "accuracy": float(correct.mean()),
-        "robustness_accuracy": None
-        if robust_scores is None
-        else robustness_accuracy(robust_scores.correct, fact_of_robust_prompt),
+        "robustness_accuracy": robustness_accuracy(robustness_correct, fact_of_paraphrase),
         "mean_target_prob": float(scores.target_prob.mean()),
         "median_rank": float(np.median(scores.target_rank)),
         "rank_histogram": rank_histogram(scores.target_rank),

@@ -17,11 +17,6 @@ from quantdiag.errors import QuantdiagError
 ROBUSTNESS_WRAPPER = (
     "Based on your knowledge, complete the following sentence by filling in the blank: '{cloze}' The missing word is:"
 )
-#: How an answer to the wrapper opens: it quotes the cloze, and models answer in kind (the built-in
-#: SmolLM2 writes " 'word'"). The quote is part of the prompt, so the target is the object's first
-#: content token after it (docs/methods.md, Recall): without it every answer's first token is a
-#: quote and robustness accuracy reads 0 for every model.
-ROBUSTNESS_OPENING = " '"
 #: The paper's primary templates (Table 3) where ParaRel's own first end-[Y] pattern differs.
 PAPER_TEMPLATES = {"P106": "The profession of [X] is [Y]."}
 _PARAREL = files("quantdiag") / "data" / "pararel"
@@ -141,19 +136,18 @@ def _user_fact(line: str, where: str) -> Fact:
 
 
 def robustness_texts(fact: Fact, max_paraphrases: int | None) -> list[str]:
-    """The instruction-wrapped cloze of each paraphrase (docs/methods.md, Recall): the target comes next."""
+    """The paper's instruction-wrapped cloze of each paraphrase (docs/methods.md, Recall), answered
+    by generation (``analysis.robustness``)."""
     patterns = paraphrases(fact.relation) if fact.relation in pararel_relations() else (fact.template,)
     clozes = [p.replace("[X]", fact.subject).replace("[Y]", "___") for p in patterns[:max_paraphrases]]
     return [ROBUSTNESS_WRAPPER.format(cloze=cloze) for cloze in clozes]
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: str | None = None) -> Prompt | None:
-    """Token ids of ``text`` (default: the primary prompt; else a robustness text, whose answer
-    opens with ``ROBUSTNESS_OPENING``) and of the answer's leading tokens, the target token
+def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int) -> Prompt | None:
+    """Token ids of the primary prompt and of the answer's leading tokens, the target token
     (``answer_tokens``) and the subject's token span from the offsets; ``None`` when no target
     can be formed."""
-    opening = " " if text is None else ROBUSTNESS_OPENING
-    text = fact.text if text is None else text
+    text = fact.text
     encoded = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     start = text.find(fact.subject)
@@ -161,7 +155,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: s
     span = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if start < 0 or not span:
         raise QuantdiagError(f"subject '{fact.subject}' not found in prompt '{text}'")
-    answer = answer_tokens(tokenizer, text, ids, fact.object, opening)
+    answer = answer_tokens(tokenizer, text, ids, fact.object)
     if answer is None:
         return None
     lead, target = answer
@@ -169,16 +163,16 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, fact: Fact, index: int, text: s
 
 
 def answer_tokens(
-    tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str, opening: str = " "
+    tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], obj: str
 ) -> tuple[tuple[int, ...], int] | None:
-    """The tokens the model must produce to say ``opening`` + ``obj`` after ``text`` (its ``ids``),
-    split at the first that carries content (a letter or digit): (the whitespace/punctuation/quote
-    tokens before it, that target token); ``None`` if no token carries content."""
-    source = text + opening + obj
+    """The tokens the model must produce to say " " + ``obj`` after ``text`` (its ``ids``), split
+    at the first that carries content (a letter or digit): (the whitespace/punctuation tokens
+    before it, that target token); ``None`` if no token carries content."""
+    source = text + " " + obj
     encoded = tokenizer(source, return_offsets_mapping=True)
     tokens, offsets = encoded["input_ids"][len(ids) :], encoded["offset_mapping"][len(ids) :]
     if encoded["input_ids"][: len(ids)] != ids:  # the object's tokens merged into the prompt's
-        source = opening + obj
+        source = " " + obj
         encoded = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
         tokens, offsets = encoded["input_ids"], encoded["offset_mapping"]
     for position, (a, b) in enumerate(offsets):
