@@ -33,7 +33,7 @@ ADOBE = Fact("P178", "Adobe GoLive", "Adobe", "[X] is developed by [Y].")
         ("\n\n French\nGerman", FRENCH, True),  # blank lines before the first line are skipped
         (" 'the'\n\nFrench", FRENCH, False),  # the object only after the first line
         ("He spoke Frenchified Latin.", FRENCH, False),  # not a whole word
-        ("The missing word in the sentence is \"Adobe GoLive\"", ADOBE, False),  # the subject restated
+        ('The missing word in the sentence is "Adobe GoLive"', ADOBE, False),  # the subject restated
         ("Adobe GoLive is developed by Adobe.", ADOBE, True),
         ("", FRENCH, False),
     ],
@@ -83,7 +83,10 @@ def test_robustness_correct_scores_each_answer_against_its_own_fact(monkeypatch)
     np.testing.assert_array_equal(correct, [True, False, True])
 
 
-CHAT = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
+CHAT = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 
 def test_a_tokenizer_with_a_chat_template_is_asked_in_a_user_turn():

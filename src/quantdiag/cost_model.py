@@ -46,12 +46,13 @@ class ModelShape:
 @dataclass(frozen=True)
 class RunSizes:
     """The sizes a run's cost depends on: ``facts`` primary prompts and ``robustness`` paraphrase
-    prompts (each answered in at most ``ANSWER_TOKENS`` tokens) of ``tokens`` tokens on average; ``settings`` compared (the reference apart), of which
-    ``gptq`` calibrate on ``calibration_tokens``; ``causal`` settings traced on ``patch_prompts``
-    prompts of each of their ``subsets`` per stream in ``streams``; ``subset_prompts`` Robust plus
-    Failure prompts of a setting (components, representations, sensitivity and repairs read them);
-    ``sensitivity`` and ``repairs``: how many settings get those; the reference is traced (ablation)
-    on the subsets of each of ``methods``."""
+    prompts (each answered in at most ``ANSWER_TOKENS`` tokens) of ``tokens`` tokens on average;
+    ``settings`` compared (the reference apart), of which ``gptq`` calibrate on
+    ``calibration_tokens``; ``causal`` settings traced on ``patch_prompts`` prompts of each of
+    their ``subsets`` per stream in ``streams``; ``subset_prompts`` Robust plus Failure prompts of
+    a setting (components, representations, sensitivity and repairs read them); ``sensitivity``
+    and ``repairs``: how many settings get those; the reference is traced (ablation) on the
+    subsets of each of ``methods``."""
 
     facts: int
     robustness: int
