@@ -76,6 +76,7 @@ bench: install
 	$(BIN)/python benchmarks/eora_svd.py
 	$(BIN)/python benchmarks/intervals.py
 	$(BIN)/python benchmarks/distribution.py
+	$(BIN)/python benchmarks/robustness_answers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,5 +1,5 @@
-"""Robustness accuracy by greedy answers: the batched, left-padded generation against a plain
-token-by-token loop, the answer's scoring against hand-read answers, and the chat template."""
+"""Robustness accuracy by greedy answers: the batched generation from a shared prefix's cache
+against a plain token-by-token loop, the answer's scoring against hand-read answers, and the chat template."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from quantdiag.analysis.robustness import (
     names_object,
     paraphrase_ids,
     robustness_correct,
+    shared_prefix,
 )
 from quantdiag.data.facts import Fact, load_pararel, robustness_texts
 
@@ -56,7 +57,7 @@ def _hand_greedy(model, tokenizer, ids: tuple[int, ...]) -> str:
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
-def test_batched_left_padded_answers_equal_a_plain_greedy_loop():
+def test_batched_answers_from_the_shared_prefix_equal_a_plain_greedy_loop():
     loaded = tiny_model("llama")
     tokenizer = loaded.tokenizer
     loaded.model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -69,9 +70,17 @@ def test_batched_left_padded_answers_equal_a_plain_greedy_loop():
         for text in robustness_texts(fact, 1)
     ]
     assert len({len(p.ids) for p in paraphrases}) > 3  # batches mix lengths, so they are padded
+    assert len(shared_prefix([p.ids for p in paraphrases])) > 10  # the instruction's opening runs once
     expected = [_hand_greedy(loaded.model, tokenizer, p.ids) for p in paraphrases]
     assert 0 < sum(answer.endswith("\n") for answer in expected) < len(expected)  # both stops are exercised
     assert greedy_answers(loaded, paraphrases, batch_size=4) == expected
+
+
+def test_the_shared_prefix_leaves_every_row_a_token_to_run():
+    assert shared_prefix([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == (1, 2)
+    assert shared_prefix([(1, 2, 3), (1, 2)]) == (1,)  # the shorter row keeps its last token
+    assert shared_prefix([(1, 2), (3, 2)]) == ()
+    assert shared_prefix([(7, 8, 9)]) == (7, 8)
 
 
 def test_robustness_correct_scores_each_answer_against_its_own_fact(monkeypatch):

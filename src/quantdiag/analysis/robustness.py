@@ -7,6 +7,7 @@ token measures the form, not the fact, and read 0% for every model, the referenc
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria
+from transformers import Cache, GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria
 
 from quantdiag.data.facts import Fact
 from quantdiag.model.load import LoadedModel
@@ -53,7 +54,7 @@ def names_object(answer: str, fact: Fact) -> bool:
     return re.search(rf"(?<!\w){re.escape(fact.object)}(?!\w)", line, flags=re.IGNORECASE) is not None
 
 
-class _FirstLineDone(StoppingCriteria):
+class FirstLineDone(StoppingCriteria):
     """Stops a row once its answer (the tokens after ``prompt_length``) has a finished first line."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int):
@@ -70,25 +71,46 @@ def greedy_answers(
     loaded: LoadedModel, paraphrases: Sequence[Paraphrase], batch_size: int, desc: str = "answering"
 ) -> list[str]:
     """Each paraphrase's greedy answer (at most ``ANSWER_TOKENS`` tokens, to its end of turn or its
-    first finished line), in batches of similar length, left-padded."""
+    first finished line), in batches of similar length. The tokens every paraphrase opens with
+    (the chat template's system turn, the instruction) run once; each batch continues from their
+    cached keys and values, padded between them and its own tokens."""
+    if not paraphrases:
+        return []
     tokenizer, model, device = loaded.tokenizer, loaded.model, loaded.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(
-        max_new_tokens=ANSWER_TOKENS,
-        do_sample=False,
-        pad_token_id=pad,
-        eos_token_id=model.generation_config.eos_token_id,
-    )
+    config = answer_config(loaded)
+    pad = config.pad_token_id
+    prefix = shared_prefix([p.ids for p in paraphrases])
+    opened = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values if prefix else None
     order = sorted(range(len(paraphrases)), key=lambda i: len(paraphrases[i].ids))
     answers = [""] * len(paraphrases)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = order[start : start + batch_size]
-        ids, mask = _left_padded([paraphrases[i].ids for i in batch], pad, device)
-        stop = _FirstLineDone(tokenizer, ids.shape[1])
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=[stop])
+        ids, mask = _padded_after(prefix, [paraphrases[i].ids[len(prefix) :] for i in batch], pad, device)
+        stop = [FirstLineDone(tokenizer, ids.shape[1])]
+        cache = _repeated(opened, len(batch))
+        out = model.generate(ids, config, stopping_criteria=stop, attention_mask=mask, past_key_values=cache)
         for i, row in zip(batch, tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)):
             answers[i] = row
     return answers
+
+
+def answer_config(loaded: LoadedModel) -> GenerationConfig:
+    """Greedy, at most ``ANSWER_TOKENS`` tokens, to the model's end of turn; padding with the
+    tokenizer's pad token (its end-of-text token where it has none)."""
+    tokenizer = loaded.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = loaded.model.generation_config.eos_token_id
+    return GenerationConfig(max_new_tokens=ANSWER_TOKENS, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+
+
+def shared_prefix(rows: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The tokens every row opens with, short of each row's last token (a row must keep one token
+    to run, whose logits start its answer)."""
+    shortest = min(len(row) for row in rows) - 1
+    length = 0
+    while length < shortest and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return rows[0][:length]
 
 
 def robustness_correct(
@@ -99,9 +121,21 @@ def robustness_correct(
     return np.array([names_object(a, facts[p.fact]) for a, p in zip(answers, paraphrases)], dtype=bool)
 
 
-def _left_padded(rows: list[tuple[int, ...]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids right-aligned with ``pad`` before them, and the attention mask that hides it."""
+def _repeated(cache: Cache | None, rows: int) -> Cache | None:
+    """A copy of the prefix's ``cache`` for ``rows`` rows (generation extends the one it is given)."""
+    if cache is None:
+        return None
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(rows)
+    return copied
+
+
+def _padded_after(
+    prefix: tuple[int, ...], rows: list[tuple[int, ...]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prefix`` then each row right-aligned, ``pad`` between, and the attention mask that hides
+    the padding (generation takes each token's position from the mask, so no row sees a gap)."""
     width = max(len(row) for row in rows)
-    ids = torch.tensor([(pad,) * (width - len(row)) + row for row in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    ids = torch.tensor([(*prefix, *(pad,) * (width - len(row)), *row) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
     return ids, mask
