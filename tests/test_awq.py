@@ -15,6 +15,7 @@ from quantdiag.analysis.forward import score_prompts
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import load_pararel, target_token, tokenize
 from quantdiag.errors import QuantdiagError
+from quantdiag.model.stack import calibration_inputs
 from quantdiag.pipeline import run
 from quantdiag.quant.awq import awq_quantize
 from quantdiag.quant.rtn import rtn_dequantized
@@ -36,7 +37,7 @@ def _awq(family: str = "llama"):
     """A tiny model's parameters before and after ``awq_quantize``, and what it returned."""
     loaded = tiny_model(family, layers=2)
     before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
-    result = awq_quantize(loaded.adapter, IDS, QuantSpec("awq", BITS, GROUP), batch_size=BATCH)
+    result = awq_quantize(loaded.adapter, calibration_inputs(loaded.adapter, IDS, BATCH), QuantSpec("awq", BITS, GROUP))
     after = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
     return before, after, result
 

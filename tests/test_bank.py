@@ -1,5 +1,6 @@
 import torch
 
+from quantdiag.model.stack import calibration_inputs
 from quantdiag.quant.bank import WeightBank
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.rtn import rtn_dequantized
@@ -59,3 +60,30 @@ def test_gptq_keys_depend_on_the_calibration(llama):
     first = WeightBank(llama, _calibration()).path(spec)
     other = WeightBank(llama, Calibration(torch.ones(8, 32, dtype=torch.long), "ones")).path(spec)
     assert first != other
+
+
+def test_one_forward_of_the_calibration_set_serves_every_gptq_width_and_eora_pass(llama, monkeypatch):
+    """Two GPTQ widths and an EoRA pass each start from the reference's block inputs of the same
+    tokens: the bank records them once, and each gets exactly what a forward of its own gives."""
+    calibration = _calibration()
+    expected = calibration_inputs(llama.adapter, calibration.ids)
+    received, recorded = [], []
+
+    def record(adapter, ids):
+        recorded.append(ids)
+        return calibration_inputs(adapter, ids)
+
+    def gptq(adapter, inputs, spec):
+        received.append(inputs)
+        return {name: m.weight.detach().clone() for name, m in WeightBank(llama).modules.items()}
+
+    monkeypatch.setattr("quantdiag.quant.bank.calibration_inputs", record)
+    monkeypatch.setattr("quantdiag.quant.bank.gptq_dequantized", gptq)
+    bank = WeightBank(llama, calibration)
+    specs = [QuantSpec("gptq", 4, 32), QuantSpec("gptq", 3, 32)]
+    for spec in specs:
+        bank.ensure(spec)
+    bank.ensure_eora(specs, rank=2)
+    assert len(recorded) == 1 and len(received) == 2 and received[0] is received[1]
+    for state, reference in zip(received[0].hidden, expected.hidden):
+        assert torch.equal(state, reference)

@@ -10,6 +10,7 @@ from functools import cache
 import pytest
 import torch
 
+from quantdiag.model.stack import calibration_inputs
 from quantdiag.quant.gptq import gptq_dequantized
 from quantdiag.quant.spec import QuantSpec
 
@@ -25,7 +26,9 @@ def _run(bits: int, sym: bool) -> tuple[dict, dict, dict]:
     """A tiny model's weights before and after ``gptq_dequantized``, and what it returned."""
     loaded = tiny_model("llama", layers=2)
     before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
-    result = gptq_dequantized(loaded.adapter, IDS, QuantSpec("gptq", bits, GROUP, sym), batch_size=BATCH)
+    result = gptq_dequantized(
+        loaded.adapter, calibration_inputs(loaded.adapter, IDS, BATCH), QuantSpec("gptq", bits, GROUP, sym)
+    )
     after = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
     return before, after, result
 

@@ -66,21 +66,29 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tor
     return out[0] if isinstance(out, tuple) else out
 
 
-def calibration_inputs(
-    adapter: Adapter, ids: torch.Tensor, batch_size: int
-) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Hidden states entering block 0 per calibration batch, and the keyword arguments (masks,
-    rotary embeddings) of every block per batch, indexed ``[layer][batch]``: what block-by-block
-    calibration (GPTQ, EoRA) starts from. Per-block kwargs matter for Gemma2, whose
-    sliding-window layers get a mask of their own."""
+@dataclass(frozen=True)
+class BlockInputs:
+    """What block-by-block calibration (GPTQ, AWQ, EoRA) starts from: the calibration ``ids``, the
+    hidden states entering block 0 per batch, and every block's keyword arguments (masks, rotary
+    embeddings) per batch, ``kwargs[layer][batch]``. They depend on the reference weights and the
+    tokens only, so one set serves every setting of a run."""
+
+    ids: torch.Tensor
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]]
+
+
+def calibration_inputs(adapter: Adapter, ids: torch.Tensor, batch_size: int = 8) -> BlockInputs:
+    """The block inputs of ``ids`` in batches of ``batch_size``, from one forward per batch of the
+    model as it is (the reference). Per-block kwargs matter for Gemma2, whose sliding-window layers
+    get a mask of their own."""
     device = adapter.model.get_input_embeddings().weight.device
     traces = [
         trace_stack(adapter, ids[i : i + batch_size].to(device), all_states=False)
         for i in range(0, len(ids), batch_size)
     ]
-    return [trace.states[0] for trace in traces], [
-        [trace.kwargs[layer] for trace in traces] for layer in range(adapter.n_layers)
-    ]
+    kwargs = [[trace.kwargs[layer] for trace in traces] for layer in range(adapter.n_layers)]
+    return BlockInputs(ids, [trace.states[0] for trace in traces], kwargs)
 
 
 def run_block_batches(block: torch.nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:

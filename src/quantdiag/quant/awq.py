@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.arch import Adapter
-from quantdiag.model.stack import calibration_inputs, run_block_batches, trace_stack
+from quantdiag.model.stack import BlockInputs, run_block_batches, trace_stack
 from quantdiag.quant.gptq import _gptqmodel
 from quantdiag.quant.spec import QuantSpec
 
@@ -45,32 +45,30 @@ class AwqResult:
 
 
 @torch.no_grad()
-def awq_dequantized(
-    adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8
-) -> dict[str, torch.Tensor]:
+def awq_dequantized(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """AWQ-quantize every block linear and return the dequantized weights (CPU, model dtype)."""
-    return awq_quantize(adapter, calibration_ids, spec, batch_size).weights
+    return awq_quantize(adapter, inputs, spec).weights
 
 
 @torch.no_grad()
-def awq_quantize(adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8) -> AwqResult:
+def awq_quantize(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> AwqResult:
     """AWQ weights and scales of every block linear; the model's weights are the same after the call.
     Routed experts are refused: GPTQModel's scale search runs an expert's container, which has no forward."""
     if adapter.arch.routed:
         raise QuantdiagError("AWQ does not quantize routed experts yet (a mixture of experts): use rtn or gptq")
-    hidden, block_kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
-    row_kwargs = trace_stack(adapter, calibration_ids[:1].to(hidden[0].device), all_states=False).kwargs
+    hidden, block_kwargs, batch_size = inputs.hidden, inputs.kwargs, len(inputs.hidden[0])
+    row_kwargs = trace_stack(adapter, inputs.ids[:1].to(hidden[0].device), all_states=False).kwargs
     weights: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"AWQ {spec.bits}-bit", unit="block")):
         roles = {path: role for role, path in adapter.arch.linears}
         linears = {path: block.get_submodule(path) for path in roles}
         originals = {path: module.weight.detach().clone() for path, module in linears.items()}
-        inputs = _linear_inputs(block, hidden, block_kwargs[layer], linears)
-        block_scales = _search_scales(adapter, block, linears, inputs, row_kwargs[layer], spec, batch_size)
+        seen = _linear_inputs(block, hidden, block_kwargs[layer], linears)
+        block_scales = _search_scales(adapter, block, linears, seen, row_kwargs[layer], spec, batch_size)
         for path, linear in linears.items():
             scale = block_scales.get(path, torch.ones(linear.in_features))
-            linear.weight.copy_(_quantized(linear.weight, inputs[path], scale, roles[path], spec))
+            linear.weight.copy_(_quantized(linear.weight, seen[path], scale, roles[path], spec))
             weights[adapter.linear_name(layer, path)] = linear.weight.detach().cpu().clone()
             scales[adapter.linear_name(layer, path)] = scale.cpu()
         hidden = run_block_batches(block, hidden, block_kwargs[layer])

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantdiag.model.load import LoadedModel
+from quantdiag.model.stack import BlockInputs, calibration_inputs
 from quantdiag.quant.awq import awq_dequantized
 from quantdiag.quant.calib import Calibration
 from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, checkpoint_weights
@@ -44,6 +45,7 @@ class WeightBank:
         self.layers = {name: self.adapter.linear_kind(name)[0] for name in self.modules}
         self.current: dict[str, Setting] = dict.fromkeys(self.modules, REFERENCE)
         self._handles: dict[Setting, object] = {}
+        self._inputs: BlockInputs | None = None
         self._cache(REFERENCE, lambda: {name: module.weight for name, module in self.modules.items()})
 
     def path(self, setting: Setting) -> Path:
@@ -76,8 +78,8 @@ class WeightBank:
             if spec.method == "rtn":
                 return {name: self._rtn(module, spec) for name, module in self.modules.items()}
             if spec.method == "awq":
-                return awq_dequantized(self.adapter, self.calibration.ids, spec)
-            return gptq_dequantized(self.adapter, self.calibration.ids, spec)
+                return awq_dequantized(self.adapter, self._calibration_inputs(), spec)
+            return gptq_dequantized(self.adapter, self._calibration_inputs(), spec)
 
         self._cache(spec, compute)
 
@@ -96,10 +98,17 @@ class WeightBank:
                 if not chunk:
                     continue
                 self.apply(PrecisionPlan.uniform(REFERENCE))
-                corrected = eora_weights(self.adapter, self.calibration.ids, chunk, rank, self._tensor)
+                corrected = eora_weights(self.adapter, self._calibration_inputs(), chunk, rank, self._tensor)
                 for setting, weights in corrected.items():
                     with atomic_file(self.path(compensated(setting, rank))) as tmp:
                         self._write(compensated(setting, rank), weights, tmp)
+
+    def _calibration_inputs(self) -> BlockInputs:
+        """The calibration set's block inputs under the reference weights (the model must hold
+        them): computed once, then shared by every GPTQ, AWQ and EoRA pass of the run."""
+        if self._inputs is None:
+            self._inputs = calibration_inputs(self.adapter, self.calibration.ids)
+        return self._inputs
 
     def assignment(self, plan: PrecisionPlan) -> dict[str, Setting]:
         """Module name -> setting under ``plan``."""

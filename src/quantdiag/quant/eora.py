@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantdiag.model.arch import Adapter
-from quantdiag.model.stack import calibration_inputs, run_block_batches
+from quantdiag.model.stack import BlockInputs, run_block_batches
 from quantdiag.quant.spec import Setting
 
 #: Eigenvalues below this share of the largest are floored (directions the inputs never use).
@@ -70,15 +70,15 @@ def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
 @torch.no_grad()
 def eora_weights(
     adapter: Adapter,
-    calibration_ids: torch.Tensor,
+    inputs: BlockInputs,
     settings: Sequence[Setting],
     rank: int,
     quantized: Callable[[Setting, str], torch.Tensor],
-    batch_size: int = 8,
 ) -> dict[Setting, dict[str, torch.Tensor]]:
-    """Per setting, every block linear's compensated weight ``W_q + B A`` (CPU, model dtype).
-    The model must hold the reference weights; ``quantized(setting, name)`` gives ``W_q``."""
-    hidden, kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
+    """Per setting, every block linear's compensated weight ``W_q + B A`` (CPU, model dtype),
+    from the covariances of the calibration ``inputs``. The model must hold the reference
+    weights; ``quantized(setting, name)`` gives ``W_q``."""
+    hidden, kwargs = inputs.hidden, inputs.kwargs
     out: dict[Setting, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"EoRA rank {rank}", unit="block")):
         linears = {path: block.get_submodule(path) for _, path in adapter.arch.linears}

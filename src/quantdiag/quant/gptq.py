@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantdiag.model.arch import Adapter
-from quantdiag.model.stack import calibration_inputs, run_block_batches
+from quantdiag.model.stack import BlockInputs, run_block_batches
 from quantdiag.quant.spec import QuantSpec
 
 
@@ -25,15 +25,14 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def gptq_dequantized(
-    adapter: Adapter, calibration_ids: torch.Tensor, spec: QuantSpec, batch_size: int = 8
-) -> dict[str, torch.Tensor]:
-    """GPTQ-quantize every block linear and return the dequantized weights (CPU, model dtype).
+def gptq_dequantized(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """GPTQ-quantize every block linear, calibrated on ``inputs`` (``stack.calibration_inputs``),
+    and return the dequantized weights (CPU, model dtype).
 
     The model's weights are the same before and after the call.
     """
     solver_class, config_class = _gptqmodel()
-    hidden, block_kwargs = calibration_inputs(adapter, calibration_ids, batch_size)
+    hidden, block_kwargs = inputs.hidden, inputs.kwargs
     result: dict[str, torch.Tensor] = {}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"GPTQ {spec.bits}-bit", unit="block")):
         linears = {path: block.get_submodule(path) for _, path in adapter.arch.linears}
