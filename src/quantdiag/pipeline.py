@@ -322,25 +322,24 @@ def repair_effects(
 def task_effects(context: RunContext) -> dict[Setting, dict[str, dict]]:
     """Each setting's (the reference's too) scores on ``config.tasks`` through lm-eval
     (``tasks.task_scores``): a resumable stage a setting."""
-    config, bank = context.config, context.bank
+    config = context.config
     model = task_model(context.loaded, config.batch_size)
     scores = {}
     for setting in [REFERENCE, *context.specs]:
-
-        def compute(setting: Setting = setting) -> dict[str, np.ndarray]:
-            bank.apply(PrecisionPlan.uniform(setting))
-            measured = task_scores(model, config.tasks, config.task_limit)
-            return {field: np.array([row[field] for row in measured.values()]) for field in TASK_FIELDS} | {
-                "task": np.array(list(measured))
-            }
-
+        compute = partial(_task_arrays, context.bank, model, setting, config)
         key = context.stage_key(setting, config.tasks, config.task_limit)
         arrays = context.run_dir.cached("tasks", key, compute, setting.key)
-        scores[setting] = {
-            str(task): {field: arrays[field][i].item() for field in TASK_FIELDS}
-            for i, task in enumerate(arrays["task"])
-        }
+        tasks = enumerate(arrays["task"])
+        scores[setting] = {str(task): {field: arrays[field][i].item() for field in TASK_FIELDS} for i, task in tasks}
     return scores
+
+
+def _task_arrays(bank: WeightBank, model, setting: Setting, config: RunConfig) -> dict[str, np.ndarray]:
+    """One setting's task scores as arrays, what the stage cache holds: ``task`` and each field."""
+    bank.apply(PrecisionPlan.uniform(setting))
+    measured = task_scores(model, config.tasks, config.task_limit)
+    arrays = {field: np.array([row[field] for row in measured.values()]) for field in TASK_FIELDS}
+    return arrays | {"task": np.array(list(measured))}
 
 
 def distribution_effects(context: RunContext) -> dict[Setting, dict[str, np.ndarray]]:
