@@ -52,6 +52,9 @@ def test_a_shipped_task_reads_its_packaged_data_from_any_working_directory(tmp_p
     assert task_config("mmlu") == "mmlu"  # lm-eval's registry resolves other names
     with pytest.raises(QuantdiagError, match="task file not found"):
         task_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
+    with pytest.raises(QuantdiagError, match="cannot be read as an lm-eval task"):
+        task_config(str(tmp_path / "broken.yaml"))
 
 
 def _hflm_accuracy(folder, task: str) -> float:

@@ -68,7 +68,13 @@ def task_config(name: str) -> str | dict:
         return name
     if not path.is_file():
         raise QuantdiagError(f"task file not found: {path}")
-    config = yaml.safe_load(path.read_text())
+    _lm_eval()
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own reader: !function tags, includes
+
+    try:
+        config = load_yaml(path)
+    except (yaml.YAMLError, ValueError, ImportError, AttributeError) as exc:
+        raise QuantdiagError(f"task file {path} cannot be read as an lm-eval task: {exc}") from exc
     data_files = config.get("dataset_kwargs", {}).get("data_files", {})
     for split, data in data_files.items():
         data_files[split] = str((path.parent / data).resolve()) if not Path(data).is_absolute() else data
