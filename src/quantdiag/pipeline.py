@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -321,9 +321,10 @@ def repair_effects(
 
 def task_effects(context: RunContext) -> dict[Setting, dict[str, dict]]:
     """Each setting's (the reference's too) scores on ``config.tasks`` through lm-eval
-    (``tasks.task_scores``): a resumable stage a setting."""
+    (``tasks.task_scores``): a resumable stage a setting. lm-eval's model wrapper is built only
+    if a stage is not cached (a resumed run reads every score without it)."""
     config = context.config
-    model = task_model(context.loaded, config.batch_size)
+    model = cache(partial(task_model, context.loaded, config.batch_size))
     scores = {}
     for setting in [REFERENCE, *context.specs]:
         compute = partial(_task_arrays, context.bank, model, setting, config)
@@ -334,10 +335,11 @@ def task_effects(context: RunContext) -> dict[Setting, dict[str, dict]]:
     return scores
 
 
-def _task_arrays(bank: WeightBank, model, setting: Setting, config: RunConfig) -> dict[str, np.ndarray]:
-    """One setting's task scores as arrays, what the stage cache holds: ``task`` and each field."""
+def _task_arrays(bank: WeightBank, model: Callable, setting: Setting, config: RunConfig) -> dict[str, np.ndarray]:
+    """One setting's task scores as arrays, what the stage cache holds: ``task`` and each field;
+    ``model()`` gives lm-eval's wrapper around the bank's model."""
     bank.apply(PrecisionPlan.uniform(setting))
-    measured = task_scores(model, config.tasks, config.task_limit)
+    measured = task_scores(model(), config.tasks, config.task_limit)
     arrays = {field: np.array([row[field] for row in measured.values()]) for field in TASK_FIELDS}
     return arrays | {"task": np.array(list(measured))}
 

@@ -43,14 +43,14 @@ def _task_manager():
 
 def checked_tasks(names: tuple[str, ...]) -> tuple[str, ...]:
     """``names`` with task files made absolute; raises QuantdiagError, before any work, for a
-    missing lm-eval, a missing file or a name lm-eval's registry does not know."""
+    missing lm-eval, a task file that is missing or unreadable, or a name lm-eval's registry does
+    not know."""
     checked = []
     for name in names:
         if name in SHIPPED:
             checked.append(name)
         elif Path(name).suffix in (".yaml", ".yml"):
-            if not Path(name).is_file():
-                raise QuantdiagError(f"task file not found: {name}")
+            task_config(name)  # found and readable as an lm-eval task
             checked.append(str(Path(name).resolve()))
         elif name not in _task_manager().all_tasks:
             raise QuantdiagError(f"unknown lm-eval task '{name}' (a task name lm-eval knows, or a task YAML file)")
