@@ -17,7 +17,7 @@ from quantdiag.data.facts import load_pararel, target_token, tokenize
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.stack import calibration_inputs
 from quantdiag.pipeline import run
-from quantdiag.quant.awq import awq_quantize
+from quantdiag.quant.awq import _clipped, _processor, awq_quantize
 from quantdiag.quant.rtn import rtn_dequantized
 from quantdiag.quant.spec import QuantSpec
 
@@ -198,3 +198,20 @@ def test_every_analysis_runs_on_an_awq_setting(tmp_path):
         assert {"patching", "ablation"} <= set(awq["causal"][subset])
         assert awq["components"][subset]["sign_flip"] and awq["representations"][subset]
     assert awq["sensitivity"]["domino"] and [row["repair"] for row in awq["repairs"]["rows"]][0] == "baseline"
+
+
+@pytest.mark.parametrize(("bits", "sym"), [(2, True), (3, True), (4, True), (4, False)])
+def test_the_clip_search_chooses_gptqmodels_bounds(bits, sym):
+    """quantdiag's clip search (outputs as matrix products) against GPTQModel's own
+    ``_compute_best_clip`` (broadcast products, rows padded to its batch of 64 with zero rows):
+    the same bound for every group, on 1,000 tokens (sampled to 500 by both)."""
+    generator = torch.Generator().manual_seed(bits)
+    weight = torch.randn(96, 128, generator=generator) * torch.rand(96, 1, generator=generator)
+    inputs = torch.randn(1000, 128, generator=generator) * torch.rand(128, generator=generator) * 3
+    processor = _processor(None, QuantSpec("awq", bits, GROUP, sym), 128, 0)
+    padded = torch.cat([weight, weight.new_zeros(32, 128)])
+    bounds = processor._compute_best_clip(padded, inputs)[:96]
+    groups = weight.reshape(96, -1, GROUP)
+    expected = torch.clamp(groups, -bounds, bounds).reshape_as(weight)
+    assert torch.equal(_clipped(processor, weight, inputs), expected)
+    assert not torch.equal(expected, weight)  # the search clipped something
