@@ -51,8 +51,8 @@ _NEARLY_FULL = 1 << 20
 
 def cache_root() -> Path:
     """Where quantized weights, converted models and calibration live: ``$QUANTDIAG_CACHE``
-    or ``~/.cache/quantdiag``."""
-    return Path(os.environ.get("QUANTDIAG_CACHE", Path.home() / ".cache" / "quantdiag"))
+    (when set and not empty) or ``~/.cache/quantdiag``."""
+    return Path(os.environ.get("QUANTDIAG_CACHE") or Path.home() / ".cache" / "quantdiag")
 
 
 def content_hash(*parts: Any, length: int = 16) -> str:
