@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import lm_eval
+import numpy as np
 import pytest
 import torch
 
+from quantdiag.analysis.similarity import debiased_cka
 from quantdiag.analysis.tasks import LOCAL_TASKS, SHIPPED, task_config
 from quantdiag.config import RunConfig
 from quantdiag.data.facts import load_pararel
@@ -114,3 +116,58 @@ def test_an_unknown_task_or_missing_task_file_stops_the_run_before_any_work(tmp_
         with pytest.raises(QuantdiagError, match=message):
             run(config)
         assert not (tmp_path / "run").exists()
+
+
+def _last_token_states(model, tokenizer, texts: list[str]) -> np.ndarray:
+    """Each text's residual stream after every block but the last (HF's last hidden state is
+    normed) at its last token: texts x layers x width."""
+    with torch.no_grad():
+        return np.stack(
+            [
+                torch.stack(
+                    model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states[1:-1]
+                )[:, 0, -1].numpy()
+                for text in texts
+            ]
+        )
+
+
+def test_representations_on_a_task_compare_the_last_token_of_lm_evals_contexts(tmp_path):
+    """``--representations-on``: the CKA diagonal of RTN 2-bit against the reference at the last
+    token of the task's prompts, against CKA of hidden states captured here from the task's own
+    template filled by hand, with the setting's weights written into the model here."""
+    loaded = tiny_model("llama")
+    save_model(loaded, tmp_path / "reference")
+    config = RunConfig(
+        out=str(tmp_path / "run"),
+        model=str(tmp_path / "reference"),
+        methods=("rtn",),
+        bits=(4, 2),
+        group_size=32,
+        preset="quick",
+        relations=("P19", "P36"),
+        facts_per_relation=4,
+        analyses=(),
+        device="cpu",
+        representations_on="quantdiag_languages",
+        task_limit=12,
+    )
+    results = run(config).results
+    key = "task:quantdiag_languages"
+    summary = next(s for s in results["settings"] if s["label"] == "RTN 2-bit")["representations"][key]
+    assert summary["prompts"] == 12
+    assert list(summary["cka"]["resid"]) == list(summary["subspaces"]) == ["last"]
+    subjects = [item["subject"] for item in _items("quantdiag_languages")[:12]]
+    texts = [f"Question: What is the official language of {subject}?\nAnswer:" for subject in subjects]
+    reference = _last_token_states(loaded.model, loaded.tokenizer, texts)
+    with torch.no_grad():
+        for module in loaded.model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(rtn_dequantized(module.weight, 2, 32))
+    compared = _last_token_states(loaded.model, loaded.tokenizer, texts)
+    diagonal = np.diag(np.array(summary["cka"]["resid"]["last"], dtype=float))
+    expected = [debiased_cka(reference[:, layer], compared[:, layer]) for layer in range(reference.shape[1])]
+    np.testing.assert_allclose(diagonal[: len(expected)], expected, rtol=1e-4, atol=1e-6)
+    assert min(expected) < 0.99  # 2-bit moved the representations
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert f"Representation similarity per layer, {key} (12 prompts" in report

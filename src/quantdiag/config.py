@@ -133,6 +133,11 @@ class RunConfig:
         "and quantdiag_arithmetic, any lm-eval task name or a task YAML file (needs lm-eval: the extra tasks)",
     )
     task_limit: int | None = option(None, "items a task at most (default: all)")
+    representations_on: str | None = option(
+        None,
+        "an lm-eval task (as --tasks takes them) whose prompts the representation similarities are also measured "
+        "on, at the last token, every setting against the reference (the paper's Appendix E); --task-limit items",
+    )
     subset_bits: int = 4
     analyses: tuple[str, ...] | None = option(
         None, f"analyses beyond recall and lens, comma-separated: {', '.join(ANALYSES)}, or none"

@@ -23,7 +23,7 @@ from quantdiag.analysis.repairs import protect_setting, protected_blocks, repair
 from quantdiag.analysis.representations import representation_arrays
 from quantdiag.analysis.robustness import Paraphrase, paraphrase_ids, robustness_correct
 from quantdiag.analysis.sensitivity import damage_onset, injection_arrays, injection_settings, sensitivity_arrays
-from quantdiag.analysis.tasks import TASK_FIELDS, task_model, task_scores
+from quantdiag.analysis.tasks import TASK_FIELDS, task_model, task_prompts, task_scores
 from quantdiag.config import PROBE_FACTS, RunConfig
 from quantdiag.data.facts import Fact, Prompt, robustness_texts, tokenize
 from quantdiag.errors import QuantdiagError
@@ -70,7 +70,7 @@ def run(config: RunConfig) -> RunResult:
     groups = method_subsets(reference, evaluated, config.subset_bits)
     causal = causal_effects(context, groups)
     components = component_effects(context, reference) if "components" in config.analyses else {}
-    representations = representation_effects(context, groups) if "representations" in config.analyses else {}
+    representations = representation_effects(context, groups)
     sensitivity, injection = sensitivity_effects(context, groups)
     repairs = repair_effects(context, groups, sensitivity)
     distribution = distribution_effects(context) if "distribution" in config.analyses else {}
@@ -209,16 +209,47 @@ def component_effects(context: RunContext, reference: Evaluated) -> dict[str, np
 
 def representation_effects(context: RunContext, groups: Groups) -> dict[Setting, SubsetArrays]:
     """Setting -> representation arrays (``representations.representation_arrays``) on every
-    prompt of each non-empty subset of its method; the reference gets its own CKA on every
-    method's subsets. Each setting is a resumable stage."""
-    chosen = _named_subsets(groups)
+    prompt of each non-empty subset of its method (the analysis ``representations``; the reference
+    gets its own CKA on every method's subsets), and with ``--representations-on`` on the task's
+    prompts (``task_representation_effects``). Each setting is a resumable stage."""
+    effects = {}
+    if "representations" in context.config.analyses:
 
-    def analysis(setting: Setting, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
+        def analysis(setting: Setting, subset_prompts: dict[str, list[Prompt]]) -> dict[str, np.ndarray]:
+            with context.run_dir.scratch() as folder:
+                batch_size = context.config.batch_size
+                return representation_arrays(context.loaded, context.bank, setting, subset_prompts, batch_size, folder)
+
+        effects = _subset_stages(context, _named_subsets(groups), context.specs, "representations", analysis)
+    if context.config.representations_on:
+        for setting, staged in task_representation_effects(context).items():
+            known = effects.get(setting, SubsetArrays([], {}))
+            effects[setting] = SubsetArrays(known.subsets + staged.subsets, known.arrays | staged.arrays)
+    return effects
+
+
+def task_representation_effects(context: RunContext) -> dict[Setting, SubsetArrays]:
+    """Setting -> representation arrays at the last token of the ``--representations-on`` task's
+    prompts (``tasks.task_prompts``, ``--task-limit`` items), subset ``task:{name}``, every setting
+    against the reference (Appendix E's view); each setting a resumable stage."""
+    config, loaded = context.config, context.loaded
+    task = config.representations_on
+    subset = f"task:{Path(task).stem if Path(task).suffix in ('.yaml', '.yml') else task}"
+    prompts = cache(lambda: {subset: task_prompts(loaded, task, config.task_limit)})  # lm-eval only if not cached
+
+    def compute(setting: Setting) -> dict[str, np.ndarray]:
         with context.run_dir.scratch() as folder:
-            batch_size = context.config.batch_size
-            return representation_arrays(context.loaded, context.bank, setting, subset_prompts, batch_size, folder)
+            arrays = representation_arrays(
+                loaded, context.bank, setting, prompts(), config.batch_size, folder, positions=("last",)
+            )
+        return arrays | {f"{subset}/rows": np.arange(len(prompts()[subset]))}  # the items, in the task's order
 
-    return _subset_stages(context, chosen, context.specs, "representations", analysis)
+    effects = {}
+    for setting in [REFERENCE, *context.specs]:
+        key = context.stage_key(setting, task, config.task_limit)
+        arrays = context.run_dir.cached("task-representations", key, partial(compute, setting), setting.key)
+        effects[setting] = SubsetArrays([subset], arrays)
+    return effects
 
 
 def _subset_stages(

@@ -38,6 +38,9 @@ def resolve(config: RunConfig) -> Resolved:
     output folder can be written; raises QuantdiagError."""
     config = config.checked()
     config = replace(config, tasks=checked_tasks(config.tasks))
+    if config.representations_on:
+        (task,) = checked_tasks((config.representations_on,))
+        config = replace(config, representations_on=task)
     specs = compared_specs(config)
     facts = None if chooses_relations(config) else load_facts(config)
     check_writable(Path(config.out), config.force)

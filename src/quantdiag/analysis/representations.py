@@ -58,16 +58,18 @@ def representation_arrays(
     subset_prompts: Mapping[str, Sequence[Prompt]],
     batch_size: int,
     workdir: Path | None = None,
+    positions: tuple[str, ...] = POSITIONS,
 ) -> dict[str, np.ndarray]:
     """Per subset, ``{subset}/{stream}/{position}/cka`` (layers x layers, reference layer i vs
-    ``setting``'s layer j) and ``{subset}/resid/{position}/{activation,error,k}`` (per layer).
-    For the reference itself only its own CKA matrix. Spills go to a temporary folder in
-    ``workdir`` and are removed; every subset is spilled under one setting before the weights are
-    swapped to the other (two swaps, not two a subset)."""
+    ``setting``'s layer j) and ``{subset}/resid/{position}/{activation,error,k}`` (per layer), at
+    each of ``positions`` (a task's prompts have no subject: the last token only). For the
+    reference itself only its own CKA matrix. Spills go to a temporary folder in ``workdir`` and
+    are removed; every subset is spilled under one setting before the weights are swapped to the
+    other (two swaps, not two a subset)."""
     with tempfile.TemporaryDirectory(prefix="spill-", dir=workdir) as folder:
         spills = {
             name: {
-                subset: _spill(loaded, bank, model, prompts, batch_size, Path(folder) / name / str(index))
+                subset: _spill(loaded, bank, model, prompts, batch_size, Path(folder) / name / str(index), positions)
                 for index, (subset, prompts) in enumerate(subset_prompts.items())
             }
             for name, model in (("reference", REFERENCE), ("compared", setting))
@@ -84,12 +86,18 @@ def representation_arrays(
 
 
 def _spill(
-    loaded: LoadedModel, bank: WeightBank, setting: Setting, prompts: Sequence[Prompt], batch_size: int, folder: Path
+    loaded: LoadedModel,
+    bank: WeightBank,
+    setting: Setting,
+    prompts: Sequence[Prompt],
+    batch_size: int,
+    folder: Path,
+    positions: tuple[str, ...],
 ) -> dict[tuple[str, str], LayerRows]:
-    """Every stream's rows at both positions for ``setting``, in prompt order, on disk."""
+    """Every stream's rows at each of ``positions`` for ``setting``, in prompt order, on disk."""
     adapter = loaded.adapter
     width = loaded.model.config.hidden_size
-    spilled = {(s, p): LayerRows(folder / f"{s}-{p}", adapter.n_layers, width) for s in STREAMS for p in POSITIONS}
+    spilled = {(s, p): LayerRows(folder / f"{s}-{p}", adapter.n_layers, width) for s in STREAMS for p in positions}
     sites = {
         stream: [f"blocks.{layer}.{site}" for layer in range(adapter.n_layers)] for stream, site in KIND_SITES.items()
     }
@@ -99,18 +107,21 @@ def _spill(
         length_batches(prompts, batch_size), desc=f"representations {setting.label}", unit="batch", leave=False
     ):
         ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
-        subject = torch.tensor([prompts[i].last_subject for i in batch], device=loaded.device)
+        at = {  # the token of each position in each row (a batch's prompts have one length)
+            "subject": torch.tensor([prompts[i].last_subject for i in batch], device=loaded.device),
+            "last": torch.full((len(batch),), ids.shape[1] - 1, device=loaded.device),
+        }
         rows = torch.arange(len(batch), device=loaded.device)
         with capture(
             adapter,
             sum(sites.values(), []),
-            select=lambda t, rows=rows, subject=subject: torch.stack([t[rows, subject], t[:, -1]], 1),
+            select=lambda t, rows=rows, at=at: torch.stack([t[rows, at[p]] for p in positions], 1),
         ) as store:
             loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         for stream, names in sites.items():
-            both = torch.stack([store[name].float().cpu() for name in names], 2).numpy()  # batch, 2, layers, d
-            for index, position in enumerate(POSITIONS):
-                spilled[(stream, position)].append(both[:, index])
+            every = torch.stack([store[name].float().cpu() for name in names], 2).numpy()  # batch, position, layer, d
+            for index, position in enumerate(positions):
+                spilled[(stream, position)].append(every[:, index])
     return spilled
 
 
@@ -122,19 +133,26 @@ def _compare(
     out = {f"{s}/{p}/cka": cka_matrix(reference[(s, p)], compared[(s, p)], device) for s, p in reference}
     if compared is reference:
         return out
-    for position in POSITIONS:
+    positions = [p for s, p in reference if s == SUBSPACE_STREAM]
+    for position in positions:
         x, y = reference[(SUBSPACE_STREAM, position)], compared[(SUBSPACE_STREAM, position)]
         per_layer = np.array([subspace_stats(x, y, layer, device) for layer in range(x.layers)])
         for index, metric in enumerate(SUBSPACE_METRICS):
             out[f"{SUBSPACE_STREAM}/{position}/{metric}"] = per_layer[:, index]
-    x, y = reference[(SUBSPACE_STREAM, INTERVAL_POSITION)], compared[(SUBSPACE_STREAM, INTERVAL_POSITION)]
-    prefix = f"{SUBSPACE_STREAM}/{INTERVAL_POSITION}/"
+    where = interval_position(positions)
+    x, y = reference[(SUBSPACE_STREAM, where)], compared[(SUBSPACE_STREAM, where)]
+    prefix = f"{SUBSPACE_STREAM}/{where}/"
     centres = {"cka": float(np.diag(out[prefix + "cka"]).mean())}
     for metric in ("activation", "error"):
         centres[metric] = float(np.mean(above_chance(out[prefix + metric], out[prefix + "k"], x.width)))
     for metric, bounds in layer_mean_intervals(x, y, out[prefix + "k"], centres).items():
-        out[f"{SUBSPACE_STREAM}/{INTERVAL_POSITION}/{metric}_interval"] = np.array(bounds or (np.nan, np.nan))
+        out[f"{prefix}{metric}_interval"] = np.array(bounds or (np.nan, np.nan))
     return out
+
+
+def interval_position(positions: Sequence[str]) -> str:
+    """Where the layer means get intervals: ``INTERVAL_POSITION`` where it was read, else the only position."""
+    return INTERVAL_POSITION if INTERVAL_POSITION in positions else positions[-1]
 
 
 def layer_mean_intervals(
@@ -169,23 +187,27 @@ def layer_mean_intervals(
 
 
 def representation_summary(arrays: Mapping[str, np.ndarray], subset: str) -> dict:
-    """The results.json view of one subset: CKA matrices per stream and position, the residual
-    stream's subspace curves per position, and the intervals of their layer means at
-    ``INTERVAL_POSITION`` (``None`` for the reference; an interval is ``None`` with too few prompts)."""
-    cka = {stream: {p: as_json(arrays[f"{subset}/{stream}/{p}/cka"]) for p in POSITIONS} for stream in STREAMS}
-    if f"{subset}/{SUBSPACE_STREAM}/{POSITIONS[0]}/k" not in arrays:
-        return {"cka": cka, "subspaces": None, "intervals": None}
+    """The results.json view of one subset: its number of prompts (``{subset}/rows``), CKA matrices
+    per stream and position read, the residual stream's subspace curves per position, and the
+    intervals of their layer means at ``interval_position`` (``None`` for the reference; an
+    interval is ``None`` with too few prompts)."""
+    positions = [p for p in POSITIONS if f"{subset}/{SUBSPACE_STREAM}/{p}/cka" in arrays]
+    cka = {stream: {p: as_json(arrays[f"{subset}/{stream}/{p}/cka"]) for p in positions} for stream in STREAMS}
+    prompts = len(arrays[f"{subset}/rows"])
+    if f"{subset}/{SUBSPACE_STREAM}/{positions[0]}/k" not in arrays:
+        return {"prompts": prompts, "cka": cka, "subspaces": None, "intervals": None}
     subspaces = {
         p: {
             "activation": as_json(arrays[f"{subset}/{SUBSPACE_STREAM}/{p}/activation"]),
             "error": as_json(arrays[f"{subset}/{SUBSPACE_STREAM}/{p}/error"]),
             "k": arrays[f"{subset}/{SUBSPACE_STREAM}/{p}/k"].astype(int).tolist(),
         }
-        for p in POSITIONS
+        for p in positions
     }
+    where = interval_position(positions)
     intervals = {
         metric: None if np.isnan(bounds).any() else bounds.tolist()
         for metric in INTERVAL_METRICS
-        for bounds in [arrays[f"{subset}/{SUBSPACE_STREAM}/{INTERVAL_POSITION}/{metric}_interval"]]
+        for bounds in [arrays[f"{subset}/{SUBSPACE_STREAM}/{where}/{metric}_interval"]]
     }
-    return {"cka": cka, "subspaces": subspaces, "intervals": intervals}
+    return {"prompts": prompts, "cka": cka, "subspaces": subspaces, "intervals": intervals}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from quantdiag.data.facts import Prompt
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.load import LoadedModel
 
@@ -109,3 +110,25 @@ def task_scores(lm, tasks: tuple[str, ...], limit: int | None) -> dict[str, dict
         items = output["n-samples"][task]["effective"]
         scores[task] = {"metric": metric.split(",")[0], "value": float(values[metric]), "items": int(items)}
     return scores
+
+
+def task_prompts(loaded: LoadedModel, name: str, limit: int | None) -> list[Prompt]:
+    """The first ``limit`` items of task ``name`` (of each of its tasks, for a group) as lm-eval
+    scores them: each item's context (its few-shot examples and question, with
+    ``simple_evaluate``'s defaults), tokenized. A task item has no answer token or subject: their
+    fields are -1 and an empty span, and only the last token is read."""
+    _lm_eval()
+    from lm_eval.defaults import DEFAULT_OTHER_SEED  # simple_evaluate's few-shot seed
+
+    contexts = []
+    for task in _task_manager().load([task_config(name)])["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+        task.build_all_requests(limit=limit)
+        by_item: dict[int, str] = {}
+        for instance in task.instances:  # a multiple-choice item has one request per choice, one context
+            by_item.setdefault(instance.doc_id, instance.arguments[0])
+        contexts += [by_item[item] for item in sorted(by_item)]
+    tokenizer = loaded.tokenizer
+    return [Prompt(i, tuple(tokenizer(text).input_ids), -1, (0, 0)) for i, text in enumerate(contexts)]

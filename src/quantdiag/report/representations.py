@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from quantdiag.analysis.effects import from_json
+from quantdiag.analysis.representations import interval_position
 from quantdiag.analysis.similarity import CKA_MIN_PROMPTS
 from quantdiag.report.causal import KIND_LABELS
 from quantdiag.report.plots import BITS_COLORS, REFERENCE_COLOR, Section
@@ -26,27 +27,54 @@ POSITION_STYLES = {"subject": "-", "last": "--"}
 
 def representation_sections(results: dict) -> Iterator[Section]:
     """(id, title, figure, readings) per method and position with CKA data, then the curves; a
-    line instead where the Failure subset is empty or too small for CKA."""
+    line instead where the Failure subset is empty or too small for CKA. Then the same for the
+    ``--representations-on`` task's prompts, at the last token."""
     for method in results["subsets"]:
         key = f"{method}:failure"
         columns = [
             s for s in results["settings"] if s["method"] in (None, method) and key in s.get("representations", {})
         ]
         prompts = results["subsets"][method]["failure"]
-        title = f"Representation similarity per layer, {method.upper()}, Failure subset ({prompts} prompts)"
         if len(columns) < 2:
             if ran(results, "representations") and not prompts:
+                title = f"Representation similarity per layer, {method.upper()}, Failure subset (0 prompts)"
                 yield (f"subspaces-{method}", title, None, empty_subset(results, method, "failure"))
             continue
-        with_cka = prompts >= CKA_MIN_PROMPTS
-        if with_cka:
-            for position, where in POSITION_LABELS.items():
-                cka_title = f"CKA at the {where}, {method.upper()}, Failure subset ({prompts} prompts)"
-                yield (f"cka-{method}-{position}", cka_title, *cka_heatmaps(columns, key, position))
-        else:
-            cka_title = f"CKA, {method.upper()}, Failure subset ({prompts} prompts)"
-            yield (f"cka-{method}", cka_title, None, _too_few(prompts))
-        yield (f"subspaces-{method}", title, *similarity_curves(columns, key, with_cka))
+        yield from _subset_sections(columns, key, method, f"{method.upper()}, Failure subset ({prompts} prompts)")
+    for key in _task_subsets(results):
+        columns = [s for s in results["settings"] if key in s.get("representations", {})]
+        prompts = columns[0]["representations"][key]["prompts"]
+        yield from _subset_sections(
+            columns, key, key.replace(":", "-"), f"{key} ({prompts} prompts, lm-eval's contexts)"
+        )
+
+
+def _task_subsets(results: dict) -> list[str]:
+    """The task subsets the reference's representations were measured on (``--representations-on``)."""
+    return [key for key in results["settings"][0].get("representations") or {} if key.startswith("task:")]
+
+
+def _subset_sections(columns: list[dict], key: str, anchor: str, what: str) -> Iterator[Section]:
+    """The CKA heatmaps at each position read (or why not, under ``CKA_MIN_PROMPTS``) and the
+    per-layer curves of one subset ``key``, the reference and each setting in ``columns``."""
+    prompts = columns[0]["representations"][key]["prompts"]
+    with_cka = prompts >= CKA_MIN_PROMPTS
+    if with_cka:
+        for position in _positions(columns, key):
+            title = f"CKA at the {POSITION_LABELS[position]}, {what}"
+            yield (f"cka-{anchor}-{position}", title, *cka_heatmaps(columns, key, position))
+    else:
+        yield (f"cka-{anchor}", f"CKA, {what}", None, _too_few(prompts))
+    yield (
+        f"subspaces-{anchor}",
+        f"Representation similarity per layer, {what}",
+        *similarity_curves(columns, key, with_cka),
+    )
+
+
+def _positions(columns: list[dict], key: str) -> list[str]:
+    """The token positions ``key`` was measured at (a task's prompts: the last token only)."""
+    return list(columns[0]["representations"][key]["cka"]["resid"])
 
 
 def _too_few(prompts: int) -> str:
@@ -101,11 +129,12 @@ def similarity_curves(columns: list[dict], key: str, with_cka: bool = True) -> t
     """Top (``with_cka``): the CKA diagonal (reference layer l vs compared layer l) per stream;
     bottom: the residual stream's activation-subspace similarity, error-subspace alignment and k."""
     compared = [s for s in columns if s["method"] is not None]
+    styles = {position: POSITION_STYLES[position] for position in _positions(columns, key)}
     rows = 1 + with_cka
     fig, axes = plt.subplots(rows, 3, figsize=(13, 0.6 + 3.0 * rows), layout="constrained", sharex=True, squeeze=False)
     for ax, (stream, label) in zip(axes[0] if with_cka else (), KIND_LABELS.items()):
         for setting in compared:
-            for position, style in POSITION_STYLES.items():
+            for position, style in styles.items():
                 ax.plot(np.diag(_cka(setting, key, stream, position)), ls=style, color=BITS_COLORS.get(setting["bits"]))
         ax.set_title(f"CKA diagonal, {label}", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
@@ -116,7 +145,7 @@ def similarity_curves(columns: list[dict], key: str, with_cka: bool = True) -> t
     }
     for ax, (metric, title) in zip(axes[-1], panels.items()):
         for setting in compared if metric != "k" else compared[:1]:
-            for position, style in POSITION_STYLES.items():
+            for position, style in styles.items():
                 curve = np.array(setting["representations"][key]["subspaces"][position][metric], dtype=float)
                 ax.plot(curve, ls=style, color=REFERENCE_COLOR if metric == "k" else BITS_COLORS.get(setting["bits"]))
         ax.set_title(title, fontsize=10)
@@ -124,21 +153,20 @@ def similarity_curves(columns: list[dict], key: str, with_cka: bool = True) -> t
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=BITS_COLORS.get(s["bits"]), label=s["label"]) for s in compared]
-    handles += [
-        plt.Line2D([], [], color="grey", ls=style, label=POSITION_LABELS[p]) for p, style in POSITION_STYLES.items()
-    ]
+    handles += [plt.Line2D([], [], color="grey", ls=style, label=POSITION_LABELS[p]) for p, style in styles.items()]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     fig.suptitle("Is the representation space still the reference's? (1 = same)")
     return fig, [_subspace_reading(setting, key, with_cka) for setting in compared]
 
 
 def _subspace_reading(setting: dict, key: str, with_cka: bool) -> str:
-    """Layer means at the last subject token; the paper's error alignment: ~0.3 at 4-bit
-    (noise-like), ~0.8 at 2-bit (the error attacks the signal)."""
-    at_subject = setting["representations"][key]["subspaces"]["subject"]
-    activation, error = (np.nanmean(np.array(at_subject[m], dtype=float)) for m in ("activation", "error"))
-    diagonal = f"CKA diagonal {np.nanmean(np.diag(_cka(setting, key, 'resid', 'subject'))):.2f}, " if with_cka else ""
+    """Layer means at the last subject token (a task's: the last token); the paper's error
+    alignment: ~0.3 at 4-bit (noise-like), ~0.8 at 2-bit (the error attacks the signal)."""
+    subspaces = setting["representations"][key]["subspaces"]
+    position = interval_position(list(subspaces))
+    activation, error = (np.nanmean(np.array(subspaces[position][m], dtype=float)) for m in ("activation", "error"))
+    cka = f"CKA diagonal {np.nanmean(np.diag(_cka(setting, key, 'resid', position))):.2f}, " if with_cka else ""
     return (
-        f"{setting['label']}, last subject token, mean over layers: {diagonal}activation subspace {activation:.2f}, "
-        f"error alignment {error:.2f} (paper: error alignment ~0.3 at 4-bit, ~0.8 at 2-bit)."
+        f"{setting['label']}, {POSITION_LABELS[position]}, mean over layers: {cka}activation subspace "
+        f"{activation:.2f}, error alignment {error:.2f} (paper: error alignment ~0.3 at 4-bit, ~0.8 at 2-bit)."
     )
