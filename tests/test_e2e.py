@@ -20,11 +20,14 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 from typer.testing import CliRunner
 
+from quantdiag.analysis.distribution import distribution_arrays, distribution_summary, held_out_text
 from quantdiag.analysis.effects import early_last_subject, from_json
 from quantdiag.cli import app
 from quantdiag.config import RunConfig
-from quantdiag.model.load import builtin_gguf
+from quantdiag.model.load import builtin_gguf, load_reference
 from quantdiag.pipeline import run
+from quantdiag.quant.bank import WeightBank
+from quantdiag.quant.spec import REFERENCE, QuantSpec
 
 from browser import needs_chromium, open_report
 
@@ -321,3 +324,20 @@ def test_awq_4_bit_is_closer_to_the_reference_than_rtn_4_bit(awq_run):
     assert awq["verdict"]["verdict"] == "degradation", awq["verdict"]
     assert {"awq:failure", "awq:robust"} <= set(awq["components"]) & set(awq["representations"])
     assert awq["sensitivity"]
+
+
+def test_kld_grows_from_8_to_4_to_2_bits_on_the_built_in_model():
+    """The distribution statistics on SmolLM2's held-out text (4 generated windows of 256 tokens):
+    mean KL divergence from the reference grows and top-token agreement falls as RTN's bits drop."""
+    loaded = load_reference("smollm2", "cpu", "auto", False)
+    bank = WeightBank(loaded)
+    specs = [QuantSpec("rtn", bits, 128) for bits in (8, 4, 2)]
+    for spec in specs:
+        bank.ensure(spec)
+    text = held_out_text(loaded, None, None, 4, 256, 0)
+    arrays = distribution_arrays(loaded, bank, [REFERENCE, *specs], text.ids)
+    summaries = [distribution_summary(arrays[spec], arrays[REFERENCE]) for spec in specs]
+    means = [summary["kld_mean"] for summary in summaries]
+    assert 0 < means[0] < means[1] < means[2]
+    agreement = [summary["top_token_agreement"] for summary in summaries]
+    assert 1 > agreement[0] > agreement[1] > agreement[2]
