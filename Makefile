@@ -71,6 +71,7 @@ bench: install
 	$(BIN)/python benchmarks/recall_throughput.py
 	$(BIN)/python benchmarks/patching.py
 	$(BIN)/python benchmarks/components_memory.py
+	$(BIN)/python benchmarks/component_swaps.py
 	$(BIN)/python benchmarks/plans.py
 	$(BIN)/python benchmarks/fingerprint.py
 	$(BIN)/python benchmarks/eora_svd.py

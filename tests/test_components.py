@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from quantdiag.analysis import components
 from quantdiag.analysis.components import (
     OWN_METRICS,
     PAIR_METRICS,
@@ -18,6 +19,7 @@ from quantdiag.analysis.components import (
     sign_flip_rate,
     top_jaccard,
 )
+from quantdiag.analysis.forward import length_batches
 from quantdiag.data.facts import load_pararel, tokenize
 from quantdiag.model.load import LoadedModel, weights_fingerprint
 from quantdiag.model.probes import eager_attention
@@ -193,3 +195,31 @@ def test_eager_attention_is_switched_back(llama, attn):
     with eager_attention(llama.model):
         assert llama.model.config._attn_implementation == "eager"
     assert llama.model.config._attn_implementation == attn
+
+
+def test_the_component_pass_swaps_weights_once_a_setting_a_chunk(monkeypatch):
+    """The reference's activations are held for as many batches as the budget allows, then each
+    setting runs on them: with room for every batch the weights change (settings + 1) times in all,
+    with room for one batch (settings + 1) times a batch; the metrics are the same either way."""
+    loaded = _sharpened("llama")
+    bank = WeightBank(loaded)
+    specs = [QuantSpec("rtn", bits, 32, True) for bits in (3, 2)]
+    for spec in specs:
+        bank.ensure(spec)
+    prompts = [tokenize(loaded.tokenizer, fact, i) for i, fact in enumerate(load_pararel(["P19", "P36"], 4, 0))]
+    applied = [REFERENCE]  # the uniform settings asked for, in order
+    apply = bank.apply
+    monkeypatch.setattr(bank, "apply", lambda plan: (applied.append(plan.default), apply(plan))[1])
+
+    def swaps() -> int:
+        count = sum(a != b for a, b in zip(applied, applied[1:]))
+        del applied[:-1]
+        return count
+
+    whole = component_arrays(loaded, bank, specs, prompts, batch_size=3)
+    assert swaps() == len(specs) + 1
+    monkeypatch.setattr(components, "REFERENCE_BUDGET", 1)
+    batched = component_arrays(loaded, bank, specs, prompts, batch_size=3)
+    assert swaps() == (len(specs) + 1) * len(length_batches(prompts, 3)) > len(specs) + 1
+    for key, values in whole.items():
+        np.testing.assert_array_equal(batched[key], values, err_msg=key)

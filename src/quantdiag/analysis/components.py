@@ -28,6 +28,9 @@ PAIR_METRICS = ("focus_divergence", "sign_flip", "jaccard", "value_cosine")
 TOP_SHARE = 0.01
 #: The FFN sites read; routed experts have no single gate or intermediate (their sign flips and Jaccard are NaN).
 FFN_SITES = {"gate": "mlp.gate_pre", "act": "mlp.act", "mlp_out": "mlp_out"}
+#: Bytes of reference activations the component pass holds before it runs the settings on them
+#: (SmolLM2: about 0.46 MB a prompt, so about 580 prompts a chunk); it bounds the pass's extra memory.
+REFERENCE_BUDGET = 2**28
 
 
 def normalized_entropy(rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -117,26 +120,55 @@ def component_arrays(
     loaded: LoadedModel, bank: WeightBank, settings: Sequence[Setting], prompts: Sequence[Prompt], batch_size: int
 ) -> dict[str, np.ndarray]:
     """``{setting}/{metric}`` (prompts x layers) for the reference and each of ``settings``:
-    entropies for every model, the comparisons with the reference for the settings. Batch by
-    batch, the reference and then each setting run, so no activation outlives its batch."""
+    entropies for every model, the comparisons with the reference for the settings. The
+    reference runs on batches until their activations fill ``REFERENCE_BUDGET``; then each
+    setting runs on those batches. Weights are swapped once a setting a chunk, not a batch, and
+    memory stays bounded by the budget, whatever the number of prompts."""
     n, layers = len(prompts), loaded.adapter.n_layers
     out = {f"{REFERENCE.key}/{m}": np.full((n, layers), np.nan) for m in OWN_METRICS}
     out |= {f"{s.key}/{m}": np.full((n, layers), np.nan) for s in settings for m in OWN_METRICS + PAIR_METRICS}
-    with eager_attention(loaded.model):
-        for batch in tqdm(length_batches(prompts, batch_size), desc="components", unit="batch", leave=False):
+    held: list[tuple[list[int], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
+    batches = length_batches(prompts, batch_size)
+    progress = tqdm(total=len(batches) * (len(settings) + 1), desc="components", unit="batch", leave=False)
+    with eager_attention(loaded.model), progress:
+        for batch in batches:
             ids = torch.tensor([prompts[i].ids for i in batch], device=loaded.device)
             subject = torch.tensor([prompts[i].last_subject for i in batch], device=loaded.device)
             bank.apply(PrecisionPlan.uniform(REFERENCE))
             reference = _activations(loaded, ids, subject)
             for name, values in _own(reference, subject, ids.shape[1]).items():
                 out[f"{REFERENCE.key}/{name}"][batch] = values.cpu().numpy()
-            for setting in settings:
-                bank.apply(PrecisionPlan.uniform(setting))
-                acts = _activations(loaded, ids, subject)
-                for name, values in (_own(acts, subject, ids.shape[1]) | _pair(acts, reference)).items():
-                    out[f"{setting.key}/{name}"][batch] = values.cpu().numpy()
+            held.append((batch, ids, subject, reference))
+            progress.update()
+            if sum(_bytes(acts) for *_, acts in held) >= REFERENCE_BUDGET:
+                _compare_settings(loaded, bank, settings, held, out, progress)
+                held = []
+        _compare_settings(loaded, bank, settings, held, out, progress)
     bank.apply(PrecisionPlan.uniform(REFERENCE))
     return out
+
+
+def _bytes(acts: dict[str, torch.Tensor]) -> int:
+    return sum(values.nbytes for values in acts.values())
+
+
+def _compare_settings(
+    loaded: LoadedModel,
+    bank: WeightBank,
+    settings: Sequence[Setting],
+    held: list[tuple[list[int], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
+    out: dict[str, np.ndarray],
+    progress: tqdm,
+) -> None:
+    """Each setting's metrics on the ``held`` batches (rows, ids, subject positions, the
+    reference's activations), one setting at a time."""
+    for setting in settings if held else ():
+        bank.apply(PrecisionPlan.uniform(setting))
+        for batch, ids, subject, reference in held:
+            acts = _activations(loaded, ids, subject)
+            for name, values in (_own(acts, subject, ids.shape[1]) | _pair(acts, reference)).items():
+                out[f"{setting.key}/{name}"][batch] = values.cpu().numpy()
+            progress.update()
 
 
 def component_curves(arrays: dict[str, np.ndarray], setting: Setting, rows: np.ndarray) -> dict[str, list] | None:
