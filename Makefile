@@ -78,6 +78,7 @@ bench: install
 	$(BIN)/python benchmarks/intervals.py
 	$(BIN)/python benchmarks/distribution.py
 	$(BIN)/python benchmarks/robustness_answers.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
