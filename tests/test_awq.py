@@ -204,7 +204,7 @@ def test_every_analysis_runs_on_an_awq_setting(tmp_path):
 def test_the_clip_search_chooses_gptqmodels_bounds(bits, sym):
     """quantdiag's clip search (outputs as matrix products) against GPTQModel's own
     ``_compute_best_clip`` (broadcast products, rows padded to its batch of 64 with zero rows):
-    the same bound for every group, on 1,000 tokens (sampled to 500 by both)."""
+    the same bound for every group, on 1,000 tokens (both keep every (tokens // 512)-th: all of them)."""
     generator = torch.Generator().manual_seed(bits)
     weight = torch.randn(96, 128, generator=generator) * torch.rand(96, 1, generator=generator)
     inputs = torch.randn(1000, 128, generator=generator) * torch.rand(128, generator=generator) * 3

@@ -72,12 +72,9 @@ def _hflm_accuracy(folder, task: str) -> float:
     return output["results"][task]["acc,none"]
 
 
-def test_each_settings_task_accuracy_equals_lm_evals_own_model_loaded_from_its_weights(tmp_path):
-    loaded = tiny_model("llama")
-    with torch.no_grad():  # blocks that write strongly, so their quantization moves the choices
-        for block in loaded.model.model.layers:
-            block.mlp.down_proj.weight.mul_(30)
-            block.self_attn.o_proj.weight.mul_(30)
+def _run(loaded, tmp_path, **options) -> dict:
+    """The results of a run, RTN at 4 and 2 bits (groups of 32) and no analyses, on ``loaded``
+    saved as a folder, with ``options`` (the task options)."""
     save_model(loaded, tmp_path / "reference")
     config = RunConfig(
         out=str(tmp_path / "run"),
@@ -90,14 +87,27 @@ def test_each_settings_task_accuracy_equals_lm_evals_own_model_loaded_from_its_w
         facts_per_relation=4,
         analyses=(),
         device="cpu",
-        tasks=("quantdiag_languages",),
-        task_limit=LIMIT,
+        **options,
     )
-    results = run(config).results
+    return run(config).results
+
+
+def _write_rtn_2_bit(loaded) -> None:
+    """RTN 2-bit (groups of 32) written into every block linear of ``loaded``, by hand."""
     with torch.no_grad():
         for module in loaded.model.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(rtn_dequantized(module.weight, 2, 32))
+
+
+def test_each_settings_task_accuracy_equals_lm_evals_own_model_loaded_from_its_weights(tmp_path):
+    loaded = tiny_model("llama")
+    with torch.no_grad():  # blocks that write strongly, so their quantization moves the choices
+        for block in loaded.model.model.layers:
+            block.mlp.down_proj.weight.mul_(30)
+            block.self_attn.o_proj.weight.mul_(30)
+    results = _run(loaded, tmp_path, tasks=("quantdiag_languages",), task_limit=LIMIT)
+    _write_rtn_2_bit(loaded)
     save_model(loaded, tmp_path / "rtn2")
     by_label = {setting["label"]: setting for setting in results["settings"]}
     for label, folder in (("Reference", "reference"), ("RTN 2-bit", "rtn2")):
@@ -137,22 +147,7 @@ def test_representations_on_a_task_compare_the_last_token_of_lm_evals_contexts(t
     token of the task's prompts, against CKA of hidden states captured here from the task's own
     template filled by hand, with the setting's weights written into the model here."""
     loaded = tiny_model("llama")
-    save_model(loaded, tmp_path / "reference")
-    config = RunConfig(
-        out=str(tmp_path / "run"),
-        model=str(tmp_path / "reference"),
-        methods=("rtn",),
-        bits=(4, 2),
-        group_size=32,
-        preset="quick",
-        relations=("P19", "P36"),
-        facts_per_relation=4,
-        analyses=(),
-        device="cpu",
-        representations_on="quantdiag_languages",
-        task_limit=12,
-    )
-    results = run(config).results
+    results = _run(loaded, tmp_path, representations_on="quantdiag_languages", task_limit=12)
     key = "task:quantdiag_languages"
     summary = next(s for s in results["settings"] if s["label"] == "RTN 2-bit")["representations"][key]
     assert summary["prompts"] == 12
@@ -160,10 +155,7 @@ def test_representations_on_a_task_compare_the_last_token_of_lm_evals_contexts(t
     subjects = [item["subject"] for item in _items("quantdiag_languages")[:12]]
     texts = [f"Question: What is the official language of {subject}?\nAnswer:" for subject in subjects]
     reference = _last_token_states(loaded.model, loaded.tokenizer, texts)
-    with torch.no_grad():
-        for module in loaded.model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(rtn_dequantized(module.weight, 2, 32))
+    _write_rtn_2_bit(loaded)
     compared = _last_token_states(loaded.model, loaded.tokenizer, texts)
     diagonal = np.diag(np.array(summary["cka"]["resid"]["last"], dtype=float))
     expected = [debiased_cka(reference[:, layer], compared[:, layer]) for layer in range(reference.shape[1])]
