@@ -80,7 +80,7 @@ def measure(name: str, tmp: Path) -> dict:
     command += ["--bits", ",".join(map(str, BITS)), "--preset", "quick", "--analyses", "none", "--relations", "P37"]
     command += ["--facts", "10", "--device", "cpu", "--dtype", "bfloat16", "--profile", "--out", str(out)]
     seconds, peak = run_polled(command, env)
-    disk = {bits: sum(p.stat().st_size for p in cache.glob(f"weights/*/rtn-w{bits}-*.safetensors")) for bits in BITS}
+    disk = {bits: sum(p.stat().st_size for p in cache.glob(f"weights/*/rtn-w{bits}-*/*.safetensors")) for bits in BITS}
     profile = json.loads((out / "results.json").read_text())["profile"]
     return {"model": model_bytes, "linears": linear_bytes(folder), "peak": peak, "seconds": seconds,
             "disk": disk, "stages": stage_totals(profile)}  # fmt: skip

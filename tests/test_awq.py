@@ -17,7 +17,7 @@ from quantdiag.data.facts import load_pararel, target_token, tokenize
 from quantdiag.errors import QuantdiagError
 from quantdiag.model.stack import calibration_inputs
 from quantdiag.pipeline import run
-from quantdiag.quant.awq import _clipped, _processor, awq_quantize
+from quantdiag.quant.awq import AwqBlock, _clipped, _processor, awq_blocks
 from quantdiag.quant.rtn import rtn_dequantized
 from quantdiag.quant.spec import QuantSpec
 
@@ -34,12 +34,15 @@ def few_gptqmodel_workers(monkeypatch):
 
 @cache
 def _awq(family: str = "llama"):
-    """A tiny model's parameters before and after ``awq_quantize``, and what it returned."""
+    """A tiny model's parameters before and after ``awq_blocks``, and its blocks joined into one."""
     loaded = tiny_model(family, layers=2)
     before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
-    result = awq_quantize(loaded.adapter, calibration_inputs(loaded.adapter, IDS, BATCH), QuantSpec("awq", BITS, GROUP))
+    inputs = calibration_inputs(loaded.adapter, IDS, BATCH)
+    blocks = list(awq_blocks(loaded.adapter, inputs, QuantSpec("awq", BITS, GROUP)))
+    weights = {name: weight for block in blocks for name, weight in block.weights.items()}
+    scales = {name: scale for block in blocks for name, scale in block.scales.items()}
     after = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
-    return before, after, result
+    return before, after, AwqBlock(weights, scales)
 
 
 def _logits_with(family: str, weights: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -55,6 +55,28 @@ def test_each_setting_is_quantized_once_and_reused(llama, monkeypatch):
     bank.apply(PrecisionPlan.uniform(spec))
 
 
+def test_a_setting_is_written_a_block_at_a_time(llama, monkeypatch):
+    """When a block's first linear is quantized, the files of the blocks before it are already
+    written and its own is not (a setting is never held whole); the setting then reads back as
+    RTN of the reference's weights."""
+    original = _weights(llama)
+    bank = WeightBank(llama)
+    spec = QuantSpec("rtn", 2, 32)
+    written, firsts = [], [block.self_attn.q_proj.weight for block in llama.model.model.layers]
+
+    def rtn(weight, *args):
+        if any(weight is first for first in firsts):
+            written.append(sorted(p.name for p in bank.root.glob(f".{bank.path(spec).name}.*.tmp/block-*")))
+        return rtn_dequantized(weight, *args)
+
+    monkeypatch.setattr("quantdiag.quant.bank.rtn_dequantized", rtn)
+    bank.ensure(spec)
+    assert written == [[f"block-{layer:03d}.safetensors" for layer in range(count)] for count in range(len(firsts))]
+    for layer in range(len(firsts)):
+        name = f"model.layers.{layer}.mlp.down_proj"
+        assert torch.equal(bank.tensor(spec, name), rtn_dequantized(original[f"{name}.weight"], 2, 32))
+
+
 def test_gptq_keys_depend_on_the_calibration(llama):
     spec = QuantSpec("gptq", 4, 32)
     first = WeightBank(llama, _calibration()).path(spec)
@@ -75,10 +97,14 @@ def test_one_forward_of_the_calibration_set_serves_every_gptq_width_and_eora_pas
 
     def gptq(adapter, inputs, spec):
         received.append(inputs)
-        return {name: m.weight.detach().clone() for name, m in WeightBank(llama).modules.items()}
+        for layer, block in enumerate(adapter.blocks):
+            yield {
+                adapter.linear_name(layer, path): block.get_submodule(path).weight.clone()
+                for _, path in adapter.arch.linears
+            }
 
     monkeypatch.setattr("quantdiag.quant.bank.calibration_inputs", record)
-    monkeypatch.setattr("quantdiag.quant.bank.gptq_dequantized", gptq)
+    monkeypatch.setattr("quantdiag.quant.bank.gptq_blocks", gptq)
     bank = WeightBank(llama, calibration)
     specs = [QuantSpec("gptq", 4, 32), QuantSpec("gptq", 3, 32)]
     for spec in specs:

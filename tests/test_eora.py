@@ -99,7 +99,7 @@ def test_the_bank_stores_w_q_plus_the_best_fit_on_each_linears_calibration_input
     bank.ensure(TWO)
     bank.ensure_eora([TWO], rank=8)
     key = compensated(TWO, 8)
-    assert bank.path(key).name.endswith(f"calib{calibration.digest}.safetensors")
+    assert bank.path(key).name.endswith(f"calib{calibration.digest}")
     bank.apply(PrecisionPlan.uniform(key))
     for name in names:
         quantized = rtn_dequantized(reference[name], TWO.bits, TWO.group_size).double()

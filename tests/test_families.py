@@ -50,16 +50,18 @@ def family(request):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.method)
 def test_every_block_linear_is_quantized_onto_its_grid(family, spec):
-    """The setting's file holds every nn.Linear of the blocks (each expert's too), each changed and each group
+    """The setting's block files hold every nn.Linear of the blocks (each expert's too), each changed and each group
     of 32 weights of a row holding at most 2^2 values."""
     loaded, bank, _ = family
     blocks = {n: m for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    with safe_open(str(bank.path(spec)), framework="pt") as handle:
-        assert set(handle.keys()) == set(blocks)
-        for name, module in blocks.items():
-            weight = handle.get_tensor(name)
-            assert not torch.equal(weight, module.weight), name
-            assert max(len(torch.unique(group)) for group in weight.reshape(-1, GROUP)) <= 4, name
+    stored = {}
+    for file in bank.path(spec).glob("block-*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            stored |= {name: handle.get_tensor(name) for name in handle.keys()}
+    assert set(stored) == set(blocks)
+    for name, module in blocks.items():
+        assert not torch.equal(stored[name], module.weight), name
+        assert max(len(torch.unique(group)) for group in stored[name].reshape(-1, GROUP)) <= 4, name
 
 
 def test_lens_at_the_last_layer_is_the_recall_output(family):

@@ -36,12 +36,13 @@ QUICK += "--relations P103,P37,P19 --facts 4 --device cpu".split()
 RTN = "quantdiag.quant.bank:rtn_dequantized"
 #: Each fault of the resumed run: (function, call at which the process kills itself). The tiny
 #: model has 28 linears: call 31 of RTN is inside the 2-bit setting (the 4-bit one is saved); the
-#: next run is killed as it writes the 2-bit file; the next when the 4-bit evaluation is half done
-#: (reference saved; primary prompts scored, robustness ones not); the next while the report's
-#: second figure is being saved (results.json written); the last run finishes.
+#: next run is killed as it writes the 2-bit setting's second block (its first is written); the
+#: next when the 4-bit evaluation is half done (reference saved; primary prompts scored,
+#: robustness ones not); the next while the report's second figure is being saved (results.json
+#: written); the last run finishes.
 KILLS = [
     (RTN, 31),
-    ("quantdiag.quant.bank:save_file", 1),
+    ("quantdiag.quant.bank:save_file", 2),
     ("quantdiag.pipeline:robustness_correct", 2),
     ("matplotlib.figure:Figure.savefig", 4),
 ]
@@ -195,9 +196,9 @@ def test_files_are_readable_by_others(concurrent):
 def test_a_killed_run_resumes_to_the_same_results(resumed, concurrent):
     codes, leftovers, out, cache = resumed
     assert codes == [-signal.SIGKILL] * len(KILLS) + [0]
-    # Each kill left the temporary file it was writing (weights and stages are written as they
+    # Each kill left the temporary folder or file it was writing (weights and stages are written as they
     # are computed); the next run swept it away before writing its own.
-    expected = [".rtn-w2-g128-sym.safetensors."] * 2 + [".eval-rtn-w4-g128-sym-", ".ranks.svg."]
+    expected = [".rtn-w2-g128-sym."] * 2 + [".eval-rtn-w4-g128-sym-", ".ranks.svg."]
     assert [len(found) for found in leftovers] == [1, 1, 1, 1, 0]
     assert all(found[0].name.startswith(prefix) for found, prefix in zip(leftovers, expected)), leftovers
     assert _results(out) == _results(concurrent[2][0])
@@ -207,9 +208,9 @@ def test_a_killed_run_resumes_to_the_same_results(resumed, concurrent):
 
 def test_truncated_weights_and_stage_are_rebuilt(resumed, forkserver, model_dir, concurrent):
     _, _, out, cache = resumed
-    weights = next(cache.glob("weights/*/rtn-w2-g128-sym.safetensors"))
+    weights = next(cache.glob("weights/*/rtn-w2-g128-sym"))
     stage = next(out.glob("stages/eval-rtn-w4-*.npz"))
-    for path in (weights, stage):
+    for path in (weights / "block-001.safetensors", stage):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     code, log = _run(forkserver, model_dir, out, cache)
     assert code == 0

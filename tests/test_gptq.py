@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quantdiag.model.stack import calibration_inputs
-from quantdiag.quant.gptq import gptq_dequantized
+from quantdiag.quant.gptq import gptq_blocks
 from quantdiag.quant.spec import QuantSpec
 
 from conftest import tiny_model
@@ -23,12 +23,15 @@ IDS = torch.randint(1, 500, (8, 32), generator=torch.Generator().manual_seed(0))
 
 @cache
 def _run(bits: int, sym: bool) -> tuple[dict, dict, dict]:
-    """A tiny model's weights before and after ``gptq_dequantized``, and what it returned."""
+    """A tiny model's weights before and after ``gptq_blocks``, and every block it yielded."""
     loaded = tiny_model("llama", layers=2)
     before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
-    result = gptq_dequantized(
-        loaded.adapter, calibration_inputs(loaded.adapter, IDS, BATCH), QuantSpec("gptq", bits, GROUP, sym)
-    )
+    inputs = calibration_inputs(loaded.adapter, IDS, BATCH)
+    result = {
+        name: w
+        for block in gptq_blocks(loaded.adapter, inputs, QuantSpec("gptq", bits, GROUP, sym))
+        for name, w in block.items()
+    }
     after = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
     return before, after, result
 

@@ -149,21 +149,30 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = _temporary(path)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield tmp
-        _publishable(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        with _os_errors_named(path):
+            yield tmp
+            _publishable(tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _os_errors_named(path: Path) -> Iterator[None]:
+    """A write's OS error names ``path`` (a failed write() names no file), and a writer's own
+    exception with an OS error behind it is raised as that OS error."""
+    try:
+        yield
     except OSError as error:
-        error.filename = error.filename or str(path)  # a failed write() names no file: name the target
+        error.filename = error.filename or str(path)
         raise
     except (SafetensorError, RuntimeError) as error:
         behind = _os_error(error, path)
         if behind is None:
             raise
         raise behind from error
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _os_error(error: Exception, path: Path) -> OSError | None:
@@ -182,19 +191,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = _temporary(path)
     tmp.mkdir()
     try:
-        yield tmp
-        (tmp / _MANIFEST).write_text(json.dumps(_sizes(tmp), indent=1, sort_keys=True))
-        for file in tmp.rglob("*"):
-            _publishable(file)
-            _fsync(file)
-        _fsync(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    except OSError as error:
-        error.filename = error.filename or str(path)
-        raise
+        with _os_errors_named(path):
+            yield tmp
+            (tmp / _MANIFEST).write_text(json.dumps(_sizes(tmp), indent=1, sort_keys=True))
+            for file in tmp.rglob("*"):
+                _publishable(file)
+                _fsync(file)
+            _fsync(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

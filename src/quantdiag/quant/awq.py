@@ -16,6 +16,7 @@ projection could absorb it (no grouped-query attention), as in GPTQModel.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -39,31 +40,26 @@ _NOT_CLIPPED = ("q", "k")
 
 
 @dataclass(frozen=True)
-class AwqResult:
-    """Each linear's dequantized effective weight, and the AWQ input scale it was quantized with
-    (ones where its group got none)."""
+class AwqBlock:
+    """A block's linears' dequantized effective weights, and the AWQ input scale each was quantized
+    with (ones where its group got none)."""
 
     weights: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def awq_dequantized(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """AWQ-quantize every block linear and return the dequantized weights (CPU, model dtype)."""
-    return awq_quantize(adapter, inputs, spec).weights
-
-
-@torch.no_grad()
-def awq_quantize(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> AwqResult:
-    """AWQ weights and scales of every block linear; the model's weights are the same after the call.
-    Routed experts are refused: GPTQModel's scale search runs an expert's container, which has no forward."""
+def awq_blocks(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> Iterator[AwqBlock]:
+    """AWQ weights and scales of the block linears, yielded a block at a time (CPU, model dtype); at
+    every yield, as after the last, the model holds its own weights. Routed experts are refused:
+    GPTQModel's scale search runs an expert's container, which has no forward."""
     if adapter.arch.routed:
         raise QuantdiagError("AWQ does not quantize routed experts yet (a mixture of experts): use rtn or gptq")
     hidden, block_kwargs, batch_size = inputs.hidden, inputs.kwargs, len(inputs.hidden[0])
     row_kwargs = trace_stack(adapter, inputs.ids[:1].to(hidden[0].device), all_states=False).kwargs
-    weights: dict[str, torch.Tensor] = {}
-    scales: dict[str, torch.Tensor] = {}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"AWQ {spec.bits}-bit", unit="block")):
+        weights: dict[str, torch.Tensor] = {}
+        scales: dict[str, torch.Tensor] = {}
         roles = {path: role for role, path in adapter.arch.linears}
         linears = {path: block.get_submodule(path) for path in roles}
         originals = {path: module.weight.detach().clone() for path, module in linears.items()}
@@ -77,7 +73,7 @@ def awq_quantize(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> AwqR
         hidden = run_block_batches(block, hidden, block_kwargs[layer])
         for path, weight in originals.items():
             linears[path].weight.copy_(weight)
-    return AwqResult(weights, scales)
+        yield AwqBlock(weights, scales)
 
 
 def _linear_inputs(

@@ -1,12 +1,14 @@
 """WeightBank: the reference weights and the dequantized weights of every quantization setting of
-one model (and of any user checkpoint compared with it), each computed once and cached on disk as
-safetensors; ``apply(plan)`` swaps them into the one model in memory. Domino tests, protections
+one model (and of any user checkpoint compared with it), each computed once and cached on disk as a
+folder of safetensors files, one a block, written as each block is computed (so a setting is never
+held whole); ``apply(plan)`` swaps them into the one model in memory. Domino tests, protections
 and checkpoint comparisons are all plans."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,18 +19,29 @@ from torch import nn
 
 from quantdiag.model.load import LoadedModel
 from quantdiag.model.stack import BlockInputs, calibration_inputs
-from quantdiag.quant.awq import awq_dequantized
+from quantdiag.quant.awq import awq_blocks
 from quantdiag.quant.calib import Calibration
-from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, checkpoint_weights
-from quantdiag.quant.eora import eora_weights
-from quantdiag.quant.gptq import gptq_dequantized
+from quantdiag.quant.checkpoint import CheckpointSpec, ComparedSpec, checkpoint_reader
+from quantdiag.quant.eora import eora_blocks
+from quantdiag.quant.gptq import gptq_blocks
 from quantdiag.quant.rtn import rtn_dequantized
 from quantdiag.quant.spec import REFERENCE, PrecisionPlan, QuantSpec, Setting, average_bits, compensated
-from quantdiag.storage import UNREADABLE, atomic_file, cache_key, cache_root, entry_lock, load_or_build, read_entry
+from quantdiag.storage import (
+    UNREADABLE,
+    atomic_dir,
+    cache_key,
+    cache_root,
+    check_manifest,
+    entry_lock,
+    load_or_build,
+    read_entry,
+)
 
 log = logging.getLogger(__name__)
-#: Settings compensated in one EoRA pass: the covariances are shared, the weights are held.
+#: Settings compensated in one EoRA pass: the covariances are shared.
 EORA_SETTINGS_PER_PASS = 2
+#: One block's linears of one setting: module name -> weight.
+BlockWeights = dict[str, torch.Tensor]
 
 
 class WeightBank:
@@ -43,20 +56,22 @@ class WeightBank:
         self.modules: dict[str, nn.Linear] = {name: named[name] for name in self.adapter.linear_names()}
         self.shapes = {name: tuple(module.weight.shape) for name, module in self.modules.items()}
         self.layers = {name: self.adapter.linear_kind(name)[0] for name in self.modules}
+        self.blocks: dict[int, list[str]] = {}
+        for name, layer in self.layers.items():
+            self.blocks.setdefault(layer, []).append(name)
         self.current: dict[str, Setting] = dict.fromkeys(self.modules, REFERENCE)
-        self._handles: dict[Setting, object] = {}
         self._inputs: BlockInputs | None = None
-        self._cache(REFERENCE, lambda: {name: module.weight for name, module in self.modules.items()})
+        self._cache(REFERENCE, lambda: self._per_block(lambda name: self.modules[name].weight))
 
     def path(self, setting: Setting) -> Path:
-        """Cache file of a setting, in a folder of the model's fingerprint and the code versions;
+        """Cache folder of a setting, in a folder of the model's fingerprint and the code versions;
         a setting that reads the calibration tokens (GPTQ, EoRA) names their hash too (a
         checkpoint's key has its files' version in it)."""
         if not setting.reads_calibration:
-            return self.root / f"{setting.key}.safetensors"
+            return self.root / setting.key
         if self.calibration is None:
             raise ValueError(f"{setting.label} needs a calibration set")
-        return self.root / f"{setting.key}-calib{self.calibration.digest}.safetensors"
+        return self.root / f"{setting.key}-calib{self.calibration.digest}"
 
     def has(self, setting: Setting) -> bool:
         """Whether the setting's file is cached and readable."""
@@ -70,24 +85,23 @@ class WeightBank:
         """Quantize ``spec`` (or read the checkpoint) unless it is cached; the model is left at
         the reference."""
 
-        def compute() -> dict[str, torch.Tensor]:
+        def compute() -> Iterable[BlockWeights]:
             self.apply(PrecisionPlan.uniform(REFERENCE))
             if isinstance(spec, CheckpointSpec):
-                weights = checkpoint_weights(spec, self.adapter.model.config, self.tokenizer, self.shapes)
-                return {name: weight.to(self.modules[name].weight.dtype) for name, weight in weights.items()}
+                read = checkpoint_reader(spec, self.adapter.model.config, self.tokenizer, self.shapes)
+                return self._per_block(lambda name: read(name).to(self.modules[name].weight.dtype))
             if spec.method == "rtn":
-                return {name: self._rtn(module, spec) for name, module in self.modules.items()}
+                return self._per_block(lambda name: self._rtn(self.modules[name], spec))
             if spec.method == "awq":
-                return awq_dequantized(self.adapter, self._calibration_inputs(), spec)
-            return gptq_dequantized(self.adapter, self._calibration_inputs(), spec)
+                return (block.weights for block in awq_blocks(self.adapter, self._calibration_inputs(), spec))
+            return gptq_blocks(self.adapter, self._calibration_inputs(), spec)
 
         self._cache(spec, compute)
 
     def ensure_eora(self, settings: list[Setting], rank: int) -> None:
         """Compute the rank-``rank`` EoRA compensation of each setting not cached yet, a pass over
-        the calibration set for every ``EORA_SETTINGS_PER_PASS`` of them (a pass holds their
-        compensated weights in memory), holding their files' locks; the model is left at the
-        reference."""
+        the calibration set for every ``EORA_SETTINGS_PER_PASS`` of them, holding their folders'
+        locks and writing each block as it is compensated; the model is left at the reference."""
         missing = [setting for setting in dict.fromkeys(settings) if not self.has(compensated(setting, rank))]
         for start in range(0, len(missing), EORA_SETTINGS_PER_PASS):
             chunk = missing[start : start + EORA_SETTINGS_PER_PASS]
@@ -98,10 +112,10 @@ class WeightBank:
                 if not chunk:
                     continue
                 self.apply(PrecisionPlan.uniform(REFERENCE))
-                corrected = eora_weights(self.adapter, self._calibration_inputs(), chunk, rank, self._tensor)
-                for setting, weights in corrected.items():
-                    with atomic_file(self.path(compensated(setting, rank))) as tmp:
-                        self._write(compensated(setting, rank), weights, tmp)
+                tmps = {s: locks.enter_context(atomic_dir(self.path(compensated(s, rank)))) for s in chunk}
+                for block in eora_blocks(self.adapter, self._calibration_inputs(), chunk, rank, self.tensor):
+                    for setting, weights in block.items():
+                        self._save_block(weights, tmps[setting])
 
     def _calibration_inputs(self) -> BlockInputs:
         """The calibration set's block inputs under the reference weights (the model must hold
@@ -116,14 +130,22 @@ class WeightBank:
 
     @torch.no_grad()
     def apply(self, plan: PrecisionPlan) -> None:
-        """Load each linear's weights for its setting; modules already there are not touched.
-        Files no module uses any more are unmapped, so memory holds at most the settings in use."""
+        """Load each linear's weights for its setting; modules already there are not touched. Each
+        block file is opened once and closed after, so no setting's file stays mapped in memory."""
+        changed: dict[tuple[Setting, int], list[str]] = defaultdict(list)
         for name, setting in self.assignment(plan).items():
             if self.current[name] != setting:
-                self.modules[name].weight.copy_(self._handle(setting).get_tensor(name))
-                self.current[name] = setting
-        in_use = set(self.current.values())
-        self._handles = {setting: handle for setting, handle in self._handles.items() if setting in in_use}
+                changed[setting, self.layers[name]].append(name)
+        for (setting, layer), names in changed.items():
+            with safe_open(str(self._block_file(self.path(setting), layer)), framework="pt", device="cpu") as handle:
+                for name in names:
+                    self.modules[name].weight.copy_(handle.get_tensor(name))
+                    self.current[name] = setting
+
+    def tensor(self, setting: Setting, name: str) -> torch.Tensor:
+        """One linear's cached weight under ``setting`` (which must be cached)."""
+        with safe_open(str(self._block_file(self.path(setting), self.layers[name])), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def average_bits(self, plan: PrecisionPlan) -> float:
         return average_bits(self.assignment(plan), self.shapes)
@@ -136,28 +158,39 @@ class WeightBank:
     def _rtn(self, module: nn.Linear, spec: QuantSpec) -> torch.Tensor:
         return rtn_dequantized(module.weight, spec.bits, spec.group_for(module.in_features), spec.sym)
 
-    def _cache(self, setting: Setting, compute: Callable[[], dict[str, torch.Tensor]]) -> None:
-        """The setting's file: read if cached and readable, else ``compute()`` and saved, under its lock."""
-        load_or_build(self.path(setting), self._check, lambda tmp: self._write(setting, compute(), tmp))
+    def _per_block(self, weight: Callable[[str], torch.Tensor]) -> Iterator[BlockWeights]:
+        """``weight(name)`` of every linear, a block at a time (computed as the writer asks)."""
+        for names in self.blocks.values():
+            yield {name: weight(name) for name in names}
 
-    def _write(self, setting: Setting, weights: dict[str, torch.Tensor], tmp: Path) -> Path:
-        log.info("caching %s weights in %s", setting.key, self.path(setting))
-        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(tmp))
-        return tmp
+    def _cache(self, setting: Setting, compute: Callable[[], Iterable[BlockWeights]]) -> None:
+        """The setting's folder: read if cached and readable, else ``compute()``'s blocks saved one
+        by one as they come, under its lock."""
 
-    def _check(self, path: Path) -> Path:
-        """``path`` if it is a whole safetensors file of this model's linears; raises otherwise."""
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        if shapes != self.shapes:
-            raise ValueError("its tensors are not this model's linears")
-        return path
+        def build(tmp: Path) -> Path:
+            log.info("caching %s weights in %s", setting.key, self.path(setting))
+            for weights in compute():
+                self._save_block(weights, tmp)
+            return tmp
 
-    def _tensor(self, setting: Setting, name: str) -> torch.Tensor:
-        return self._handle(setting).get_tensor(name)
+        load_or_build(self.path(setting), self._check, build, folder=True)
 
-    def _handle(self, setting: Setting):
-        """An open, memory-mapped reader per setting file."""
-        if setting not in self._handles:
-            self._handles[setting] = safe_open(str(self.path(setting)), framework="pt", device="cpu")
-        return self._handles[setting]
+    def _save_block(self, weights: BlockWeights, folder: Path) -> None:
+        layer = self.layers[next(iter(weights))]
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
+        save_file(tensors, str(self._block_file(folder, layer)))
+
+    @staticmethod
+    def _block_file(folder: Path, layer: int) -> Path:
+        return folder / f"block-{layer:03d}.safetensors"
+
+    def _check(self, folder: Path) -> Path:
+        """``folder`` if it is whole (its manifest's sizes) and holds this model's linears, one
+        safetensors file a block; raises otherwise."""
+        check_manifest(folder)
+        for layer, names in self.blocks.items():
+            with safe_open(str(self._block_file(folder, layer)), framework="pt", device="cpu") as handle:
+                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            if shapes != {name: self.shapes[name] for name in names}:
+                raise ValueError(f"its block {layer} does not hold this model's linears")
+        return folder

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -126,29 +126,33 @@ def _gguf_bits(path: Path, reader: GGUFReader) -> float:
     return round(8 * sum(int(t.n_bytes) for t in matrices) / sum(int(t.n_elements) for t in matrices), 4)
 
 
-def checkpoint_weights(
+def checkpoint_reader(
     spec: CheckpointSpec,
     config: PretrainedConfig,
     tokenizer: PreTrainedTokenizerBase,
     shapes: Mapping[str, tuple[int, int]],
-) -> dict[str, torch.Tensor]:
-    """The checkpoint's float weight of every linear in ``shapes`` (module name -> shape of the
-    reference's), after checking that architecture, shapes and tokenizer match the reference's."""
+) -> Callable[[str], torch.Tensor]:
+    """After checking that the checkpoint's architecture and tokenizer match the reference's, a
+    function giving the float weight of one linear of ``shapes`` (module name -> the reference's
+    shape), read from its file when asked (a checkpoint is never held whole) and checked for shape."""
     folder = converted_gguf(Path(spec.path)) if spec.kind == "gguf" else Path(spec.path)
     _check_architecture(spec, folder, config)
     _check_tokenizer(spec, folder, tokenizer)
     tensors = _open_tensors(folder)
-    if spec.kind in ("gptq", "awq"):
-        weights = {name: _dequantized(spec, name, shape, tensors) for name, shape in shapes.items()}
-    else:
-        weights = {name: _read(tensors, f"{name}.weight", spec).float() for name in shapes}
-    for name, shape in shapes.items():
-        if tuple(weights[name].shape) != tuple(shape):
+
+    def read(name: str) -> torch.Tensor:
+        shape = shapes[name]
+        if spec.kind in ("gptq", "awq"):
+            weight = _dequantized(spec, name, shape, tensors)
+        else:
+            weight = _read(tensors, f"{name}.weight", spec).float()
+        if tuple(weight.shape) != tuple(shape):
             raise QuantdiagError(
-                f"checkpoint {spec.name}: {name} has shape {tuple(weights[name].shape)}, the reference's is "
-                f"{tuple(shape)}"
+                f"checkpoint {spec.name}: {name} has shape {tuple(weight.shape)}, the reference's is {tuple(shape)}"
             )
-    return weights
+        return weight
+
+    return read
 
 
 def _check_architecture(spec: CheckpointSpec, folder: Path, config: PretrainedConfig) -> None:

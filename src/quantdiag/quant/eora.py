@@ -9,7 +9,7 @@ Hessians do); every requested setting is compensated in the same pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -68,19 +68,19 @@ def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def eora_weights(
+def eora_blocks(
     adapter: Adapter,
     inputs: BlockInputs,
     settings: Sequence[Setting],
     rank: int,
     quantized: Callable[[Setting, str], torch.Tensor],
-) -> dict[Setting, dict[str, torch.Tensor]]:
-    """Per setting, every block linear's compensated weight ``W_q + B A`` (CPU, model dtype),
-    from the covariances of the calibration ``inputs``. The model must hold the reference
-    weights; ``quantized(setting, name)`` gives ``W_q``."""
+) -> Iterator[dict[Setting, dict[str, torch.Tensor]]]:
+    """Per setting, the compensated weight ``W_q + B A`` (CPU, model dtype) of each linear of a
+    block, yielded a block at a time, from the covariances of the calibration ``inputs``. The
+    model must hold the reference weights; ``quantized(setting, name)`` gives ``W_q``."""
     hidden, kwargs = inputs.hidden, inputs.kwargs
-    out: dict[Setting, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"EoRA rank {rank}", unit="block")):
+        out: dict[Setting, dict[str, torch.Tensor]] = {setting: {} for setting in settings}
         linears = {path: block.get_submodule(path) for _, path in adapter.arch.linears}
         # The true-sequential groups (q/k/v, o, gate/up, down) are the linears sharing an input.
         covariances = _input_covariances(
@@ -95,7 +95,7 @@ def eora_weights(
                     b, a = _factors(linear.weight.float() - weight, scale, basis, rank)
                     out[setting][name] = (weight + b @ a).to(linear.weight.dtype).cpu()
         hidden = run_block_batches(block, hidden, kwargs[layer])
-    return out
+        yield out
 
 
 def _input_covariances(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], linears: dict) -> dict:

@@ -10,6 +10,7 @@ linears follow the adapter's true-sequential groups (q/k/v, o, gate/up, down), a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -25,16 +26,17 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def gptq_dequantized(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> dict[str, torch.Tensor]:
+def gptq_blocks(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> Iterator[dict[str, torch.Tensor]]:
     """GPTQ-quantize every block linear, calibrated on ``inputs`` (``stack.calibration_inputs``),
-    and return the dequantized weights (CPU, model dtype).
+    and yield each block's dequantized weights (CPU, model dtype) as soon as it is done, so only
+    one block's are held.
 
-    The model's weights are the same before and after the call.
+    At every yield, as after the last, the model holds its own weights.
     """
     solver_class, config_class = _gptqmodel()
     hidden, block_kwargs = inputs.hidden, inputs.kwargs
-    result: dict[str, torch.Tensor] = {}
     for layer, block in enumerate(tqdm(adapter.blocks, desc=f"GPTQ {spec.bits}-bit", unit="block")):
+        result: dict[str, torch.Tensor] = {}
         linears = {path: block.get_submodule(path) for _, path in adapter.arch.linears}
         originals = {path: module.weight.detach().clone() for path, module in linears.items()}
         for group in adapter.arch.sequential:
@@ -47,7 +49,7 @@ def gptq_dequantized(adapter: Adapter, inputs: BlockInputs, spec: QuantSpec) -> 
         hidden = run_block_batches(block, hidden, block_kwargs[layer])
         for path, weight in originals.items():
             linears[path].weight.copy_(weight)
-    return result
+        yield result
 
 
 def _gptqmodel():
