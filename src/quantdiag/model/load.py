@@ -291,8 +291,9 @@ def converted_gguf(path: Path) -> Path:
             raise QuantdiagError(f"cannot read GGUF file '{path}': {first_line(exc)}") from exc
         config = gguf_model.config
         del config.quantization_config  # the weights are dequantized now: a plain float model
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(gguf_model.state_dict())
+        with torch.device("meta"):  # no storage: the plain model takes the GGUF model's tensors
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict(), assign=True)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         return target
